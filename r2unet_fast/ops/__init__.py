@@ -1,0 +1,73 @@
+"""Public ops. Each validates its inputs, then runs the backend that
+:func:`r2unet_fast.ops.dispatch.resolve` picks; results do not depend on it."""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from ._checks import check_finite_number, check_floating, check_ndim, check_same_device, check_shape
+from .dispatch import BACKEND_CHOICES, BACKENDS, available_backends
+
+__all__ = ["hybrid_loss", "attention_gate", "available_backends", "BACKENDS", "BACKEND_CHOICES"]
+
+
+def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float = 0.5,
+                bce_weight: float = 0.5, pos_weight: float = 1.0, smooth: float = 1.0,
+                per_image: bool = True, backend: str = "auto") -> torch.Tensor:
+    """``bce_weight * BCE(pos_weight) + dice_weight * (1 - Dice)`` (DESIGN.md section 3).
+
+    Args:
+        logits: (N, 1, H, W) float (fp32/bf16/fp16/fp64), any memory layout.
+        target: same shape, values in [0, 1]; soft targets allowed.
+        per_image: Dice per image then mean over images; False pools the batch.
+    Returns:
+        0-d tensor: float64 for float64 logits, else float32.
+    """
+    check_floating(logits=logits, target=target)
+    device = check_same_device(logits=logits, target=target)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (N, 1, H, W), got shape {tuple(logits.shape)}")
+    check_shape("target", target, tuple(logits.shape))
+    if logits.shape[0] == 0 or logits.numel() == 0:
+        raise ValueError(f"hybrid_loss needs a non-empty batch, got shape {tuple(logits.shape)}")
+    weights = dict(
+        dice_weight=check_finite_number("dice_weight", dice_weight, minimum=0.0),
+        bce_weight=check_finite_number("bce_weight", bce_weight, minimum=0.0),
+        pos_weight=check_finite_number("pos_weight", pos_weight, minimum=0.0),
+        smooth=check_finite_number("smooth", smooth, minimum=0.0),
+    )
+    impl = dispatch.kernel("hybrid_loss", backend, device)
+    return impl(logits, target, per_image=bool(per_image), **weights)
+
+
+def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor,
+                   bias: torch.Tensor, w_psi: torch.Tensor, b_psi: torch.Tensor, *,
+                   return_psi: bool = False,
+                   backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Additive attention gate (DESIGN.md section 2), ``out = x * psi``.
+
+    Args:
+        x: (N, Cx, H, W) skip feature; g: (N, Cg, H, W) up-sampled decoder feature.
+        w_x: (F, Cx); w_g: (F, Cg); bias: (F,); w_psi: (F,); b_psi: (1,).
+    Returns:
+        out (N, Cx, H, W) and, with ``return_psi``, psi (N, 1, H, W).
+    """
+    tensors = dict(x=x, g=g, w_x=w_x, w_g=w_g, bias=bias, w_psi=w_psi, b_psi=b_psi)
+    check_floating(**tensors)
+    device = check_same_device(**tensors)
+    check_ndim("x", x, 4, "(N, Cx, H, W)")
+    check_ndim("g", g, 4, "(N, Cg, H, W)")
+    n, cx, h, w = x.shape
+    if g.shape[0] != n or g.shape[2:] != x.shape[2:]:
+        raise ValueError(f"g must match x in batch and spatial size: x {tuple(x.shape)}, g {tuple(g.shape)}")
+    check_ndim("w_x", w_x, 2, "(F, Cx)")
+    f = w_x.shape[0]
+    check_shape("w_x", w_x, (f, cx))
+    check_shape("w_g", w_g, (f, g.shape[1]))
+    check_shape("bias", bias, (f,))
+    check_shape("w_psi", w_psi, (f,))
+    check_shape("b_psi", b_psi, (1,))
+    if x.numel() == 0 or g.numel() == 0:
+        raise ValueError(f"attention_gate needs non-empty inputs, got x {tuple(x.shape)}, g {tuple(g.shape)}")
+    impl = dispatch.kernel("attention_gate", backend, device)
+    return impl(x, g, w_x, w_g, bias, w_psi, b_psi, return_psi=return_psi)

@@ -1,0 +1,129 @@
+"""Backend choice for every fused op, with reasons when a backend does not apply.
+
+``"auto"`` resolves per tensor device: Triton for CUDA tensors, the C++
+extension for CPU tensors, the pure-PyTorch reference where neither has a
+kernel for the op. An explicitly requested backend that cannot run raises a
+ValueError carrying the reason, never a silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("reference", "triton", "cpu")
+BACKEND_CHOICES: tuple[str, ...] = ("auto",) + BACKENDS
+
+# op -> backend -> "module:function". Kernels are imported lazily so importing
+# the package never imports triton or touches CUDA.
+_KERNELS: dict[str, dict[str, str]] = {
+    "hybrid_loss": {"reference": "r2unet_fast.ops.reference:hybrid_loss"},
+    "attention_gate": {"reference": "r2unet_fast.ops.reference:attention_gate"},
+}
+
+
+def check_backend_name(name: str) -> str:
+    """Return ``name`` if it is one of :data:`BACKEND_CHOICES`, else raise ValueError."""
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install 'r2unet_fast[triton]'"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_reason(device: torch.device | None) -> str | None:
+    reason = _triton_import_reason()
+    if reason is not None:
+        return reason
+    if device is None:
+        if torch.cuda.is_available() or _interpreting():
+            return None
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run its kernels on CPU tensors)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _interpreting():
+        return None
+    return f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_import_reason() -> str | None:
+    try:
+        importlib.import_module("r2unet_fast._C")
+    except ImportError as e:
+        return (f"the C++ extension r2unet_fast._C is not built ({e}); "
+                "reinstall with `pip install --no-build-isolation .`")
+    return None
+
+
+def _cpu_reason(device: torch.device | None) -> str | None:
+    reason = _cpu_import_reason()
+    if reason is None and device is not None and device.type != "cpu":
+        reason = f"the cpu backend needs CPU tensors, got {device.type}"
+    return reason
+
+
+def _reason(backend: str, op: str | None, device: torch.device | None) -> str | None:
+    # A backend that cannot run at all says so before saying it lacks this op.
+    reason = {"triton": _triton_reason, "cpu": _cpu_reason}.get(backend, lambda _: None)(device)
+    if reason is None and op is not None and backend not in _KERNELS[op]:
+        reason = f"{op} has no {backend} kernel"
+    return reason
+
+
+def available_backends(op: str | None = None, device: torch.device | str | None = None) -> dict[str, str | None]:
+    """Map each backend to ``None`` (usable) or the reason it is unavailable.
+
+    Args:
+        op: restrict the report to one op (e.g. ``"hybrid_loss"``), which also
+            reports backends that have no kernel for that op.
+        device: restrict the report to tensors on this device.
+    """
+    if op is not None and op not in _KERNELS:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(sorted(_KERNELS))}")
+    dev = torch.device(device) if device is not None else None
+    return {b: _reason(b, op, dev) for b in BACKENDS}
+
+
+def ensure_available(backend: str) -> str:
+    """Raise ValueError with the reason if ``backend`` cannot run at all; return it."""
+    check_backend_name(backend)
+    if backend != "auto":
+        reason = _reason(backend, None, None)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The concrete backend that runs ``op`` on tensors of ``device``."""
+    check_backend_name(backend)
+    if backend == "auto":
+        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+        if preferred is not None and _reason(preferred, op, device) is None:
+            return preferred
+        return "reference"
+    reason = _reason(backend, op, device)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} is unavailable for {op}: {reason}")
+    return backend
+
+
+def kernel(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` chosen for ``backend`` and ``device``."""
+    module, _, name = _KERNELS[op][resolve(op, backend, device)].partition(":")
+    return getattr(importlib.import_module(module), name)
