@@ -16,6 +16,8 @@ class HybridLoss(nn.Module):
     Shapes: logits and target (N, 1, H, W) -> 0-d tensor.
     """
 
+    fused_op = "hybrid_loss"
+
     def __init__(self, dice_weight: float = 0.5, bce_weight: float = 0.5, pos_weight: float = 1.0,
                  smooth: float = 1.0, per_image: bool = True, backend: str = "auto") -> None:
         super().__init__()

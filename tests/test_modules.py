@@ -170,3 +170,16 @@ def test_reference_backend_matches_auto_backend():
     x = torch.randn(1, 3, 16, 16)
     auto = model(x)
     torch.testing.assert_close(model.set_backend("reference")(x), auto, rtol=1e-4, atol=1e-5)
+
+
+def test_set_backend_names_ops_without_a_kernel_and_runs_them_on_the_reference(monkeypatch):
+    from r2unet_fast.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_cpu_import_reason", lambda: None)
+    monkeypatch.setitem(dispatch._KERNELS, "attention_gate", {"reference": dispatch._KERNELS["attention_gate"]["reference"]})
+    model = R2AttUNet(base_channels=2, depth=3)
+    with pytest.warns(UserWarning, match="no cpu kernel for attention_gate: those layers run the reference"):
+        model.set_backend("cpu")
+    report = model.backend_report()
+    assert report == {"gates.0": "reference", "gates.1": "reference"}
+    assert {m.backend for m in model.modules() if isinstance(m, RecurrentConv)} == {"cpu"}

@@ -24,6 +24,8 @@ class AttentionGate(nn.Module):
     Shapes: x (N, x_ch, H, W), g (N, g_ch, H, W) -> (N, x_ch, H, W) [, psi (N, 1, H, W)].
     """
 
+    fused_op = "attention_gate"
+
     def __init__(self, x_ch: int, g_ch: int, inter_ch: int, norm: bool = False, backend: str = "auto") -> None:
         super().__init__()
         self.norm = norm

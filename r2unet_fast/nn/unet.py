@@ -1,10 +1,12 @@
 """R2U-Net with attention gates and the paper's three baselines (U-Net, ResU-Net, RU-Net)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
-from ..ops.dispatch import ensure_available
+from ..ops.dispatch import ensure_available, has_kernel
 from .attention import AttentionGate
 from .blocks import ConvBNReLU, make_block
 
@@ -17,12 +19,30 @@ class UpConv(nn.Sequential):
 
 
 def set_backend(module: nn.Module, name: str) -> nn.Module:
-    """Switch every submodule that has a ``backend`` to ``name``; returns ``module``."""
+    """Switch every submodule that has a ``backend`` to ``name``; returns ``module``.
+
+    A layer whose fused op has no ``name`` kernel yet runs the reference, and a
+    warning names those ops (see :func:`backend_report`): explicit, not silent.
+    """
     ensure_available(name)
+    missing = set()
     for m in module.modules():
         if hasattr(m, "backend"):
-            m.backend = name
+            op = getattr(m, "fused_op", None)
+            if op is not None and not has_kernel(op, name):
+                missing.add(op)
+                m.backend = "reference"
+            else:
+                m.backend = name
+    if missing:
+        warnings.warn(f"no {name} kernel for {', '.join(sorted(missing))}: those layers run the reference backend",
+                      stacklevel=2)
     return module
+
+
+def backend_report(module: nn.Module) -> dict[str, str]:
+    """``{qualified module name: backend}`` for every layer that dispatches a fused op."""
+    return {name: m.backend for name, m in module.named_modules() if getattr(m, "fused_op", None) is not None}
 
 
 class R2AttUNet(nn.Module):
@@ -104,6 +124,10 @@ class R2AttUNet(nn.Module):
     def set_backend(self, name: str) -> "R2AttUNet":
         """Switch every submodule to backend ``name`` ("auto", "reference", "triton", "cpu")."""
         return set_backend(self, name)
+
+    def backend_report(self) -> dict[str, str]:
+        """Which backend each fused-op layer runs (see :func:`backend_report`)."""
+        return backend_report(self)
 
 
 class R2UNet(R2AttUNet):

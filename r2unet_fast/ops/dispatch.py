@@ -99,6 +99,11 @@ def available_backends(op: str | None = None, device: torch.device | str | None 
     return {b: _reason(b, op, dev) for b in BACKENDS}
 
 
+def has_kernel(op: str, backend: str) -> bool:
+    """Whether ``op`` has an implementation for ``backend`` ("auto" always does)."""
+    return backend == "auto" or backend in _KERNELS[op]
+
+
 def ensure_available(backend: str) -> str:
     """Raise ValueError with the reason if ``backend`` cannot run at all; return it."""
     check_backend_name(backend)
