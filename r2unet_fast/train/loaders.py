@@ -1,0 +1,79 @@
+"""Datasets and DataLoaders of a run, and the ``--pos-weight auto`` estimate."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..data import build_datasets
+from .config import TrainConfig, UsageError
+from .distributed import DistContext, ShardSampler
+from .runtime import seed_worker
+
+FILE_DATASETS: tuple[str, ...] = ("isic2017", "ph2", "folder")
+# Where a dataset's folder is looked up when --data is not given.
+DATA_ENV: dict[str, str] = {"isic2017": "R2UNET_FAST_ISIC2017", "ph2": "R2UNET_FAST_PH2"}
+_DATA_HINT = {"isic2017": "the folder holding ISIC-2017_Training_Data/ etc.",
+              "ph2": "the folder holding 'PH2 Dataset images/'",
+              "folder": "a folder with images/ and masks/"}
+
+
+def data_root(dataset: str, data: str | None) -> Path | None:
+    """The dataset folder: ``data``, else the dataset's environment variable; None for synthetic."""
+    if dataset not in FILE_DATASETS:
+        if data is not None:
+            raise UsageError(f"--dataset {dataset} is generated and reads no files; drop --data {data}")
+        return None
+    if data is None and os.environ.get(DATA_ENV.get(dataset, "")):
+        data = os.environ[DATA_ENV[dataset]]
+    if data is None:
+        env = f" (or set ${DATA_ENV[dataset]})" if dataset in DATA_ENV else ""
+        raise UsageError(f"--dataset {dataset} needs --data PATH{env}: {_DATA_HINT[dataset]}")
+    return Path(data).expanduser()
+
+
+def build_splits(config: TrainConfig, *, split: str | None = None, augment: bool | None = None) -> dict[str, Dataset]:
+    """The run's datasets (train/val/test, or "all"): ``split``/``augment`` override the config's."""
+    return build_datasets(
+        config.dataset, data_root(config.dataset, config.data), split=config.split if split is None else split,
+        image_size=config.image_size, seed=config.seed, augment=config.augment if augment is None else augment,
+        cache_dir=None if config.cache_dir is None else Path(config.cache_dir),
+        synthetic_sizes=tuple(config.synthetic_sizes))
+
+
+def make_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int, workers: int, device: torch.device,
+                generator: torch.Generator | None = None) -> DataLoader:
+    """A DataLoader with seeded workers; persistent workers so ``set_epoch`` reaches them cheaply."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", worker_init_fn=seed_worker, generator=generator,
+                      persistent_workers=workers > 0, drop_last=False)
+
+
+def train_sampler(dataset: Dataset, dist: DistContext, seed: int) -> DistributedSampler:
+    """Shuffles with (seed, epoch) after ``set_epoch``, so the order is a pure function of the epoch:
+    resuming mid-run sees the same batches as an uninterrupted run. Also used for one process."""
+    return DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
+
+
+def eval_loader(dataset: Dataset, dist: DistContext, batch_size: int, workers: int) -> DataLoader:
+    """In-order loader over this rank's shard of ``dataset``."""
+    return make_loader(dataset, ShardSampler(len(dataset), dist.rank, dist.world_size), batch_size, workers,
+                       dist.device)
+
+
+def positive_weight(dataset: Dataset, dist: DistContext, batch_size: int, workers: int) -> float:
+    """Background / lesion pixel ratio over ``dataset``'s masks (pass an un-augmented dataset).
+
+    Each rank counts its shard; the counts are summed over ranks.
+    """
+    lesion = total = 0.0
+    for batch in eval_loader(dataset, dist, batch_size, workers):
+        lesion += float(batch["mask"].sum(dtype=torch.float64))
+        total += batch["mask"].numel()
+    lesion, total = dist.sum([lesion, total])
+    if lesion == 0:
+        raise UsageError("the training masks contain no lesion pixels, so --pos-weight auto is undefined; "
+                         "check the masks or pass --pos-weight 1")
+    return (total - lesion) / lesion

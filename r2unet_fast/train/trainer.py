@@ -1,0 +1,283 @@
+"""The training loop, as small overridable hooks (nnU-Net style).
+
+Subclass :class:`Trainer` and override ``build_model``, ``build_loss``, ``build_optimizer``,
+``build_scheduler``, ``compute_loss``, ``train_step``, ``validate`` or ``on_epoch_end`` to
+change one step without copying the loop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from .. import __version__
+from ..losses import HybridLoss
+from ..metrics import METRICS, MetricAccumulator
+from ..nn import R2AttUNet
+from . import optim
+from .checkpoint import CHECKPOINT_DIR, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistContext
+from .inference import build_model, to_device, to_input
+from .loaders import build_splits, eval_loader, make_loader, positive_weight, train_sampler
+from .logs import RunLog, progress
+from .plots import plot_curves, plot_predictions
+from .runtime import autocast, check_amp, default_workers, deterministic_algorithms, peak_memory_mb, \
+    reset_peak_memory, seed_everything
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN/inf; the message says where and which checkpoint is intact."""
+
+
+class Trainer:
+    """Trains an R2AttUNet on one dataset and writes a run folder.
+
+    Args:
+        config: the run's settings (validated).
+        dist: process/rank/device context (:func:`setup_distributed`).
+        out: the run folder (created by rank 0).
+        resume: a checkpoint dict to continue from, or None for a fresh run.
+    """
+
+    def __init__(self, config: TrainConfig, dist: DistContext, out: Path,
+                 resume: dict[str, Any] | None = None) -> None:
+        self.config, self.dist, self.device, self.out = config, dist, dist.device, Path(out)
+        check_amp(config.amp, self.device)
+        self.log = RunLog(self.out, dist.is_main)
+        if config.amp != "off" and self.device.type == "cpu":
+            self.log.say("note: bf16 autocast on CPU is correct but usually slower than fp32 unless the CPU has "
+                         "AMX or AVX512-BF16; it is meant for CUDA")
+        self.workers = config.workers if config.workers is not None else \
+            default_workers(self.device, dist.local_world_size)
+        self.datasets = self.build_datasets()
+        self.loader_generator = torch.Generator()
+        sampler = train_sampler(self.datasets["train"], dist, config.seed)
+        self.train_loader = make_loader(self.datasets["train"], sampler, config.batch_size, self.workers,
+                                        self.device, self.loader_generator)
+        self.eval_loaders = {part: eval_loader(self.datasets[part], dist, config.batch_size, self.workers)
+                             for part in ("val", "test") if part in self.datasets}
+        seed_everything(config.seed)  # the initial weights depend on the seed only
+        self.model = to_device(self.build_model(), self.device)
+        self.pos_weight = resume["pos_weight"] if resume else self.resolve_pos_weight()
+        self.loss_fn = self.build_loss(self.pos_weight)
+        self.optimizer = self.build_optimizer(self.model)
+        self.scheduler = self.build_scheduler(self.optimizer, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.epoch, self.stale_epochs = 0, 0
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, Any] = {"epoch": 0, "jaccard": -1.0, "metrics": {}}
+        if resume is not None:
+            self.load_state(resume)
+        self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                           else None) if dist.enabled else self.model
+
+    # ---- construction hooks -------------------------------------------------------------------
+    def build_datasets(self) -> dict[str, Dataset]:
+        """train/val/test datasets (train augmented when ``config.augment``)."""
+        return build_splits(self.config)
+
+    def build_model(self) -> R2AttUNet:
+        return build_model(self.config)
+
+    def build_loss(self, pos_weight: float) -> torch.nn.Module:
+        return HybridLoss.named(self.config.loss, dice_weight=self.config.dice_weight, pos_weight=pos_weight,
+                                backend=self.config.backend)
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return optim.build_optimizer(model, self.config)
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer,
+                        steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+        return optim.build_scheduler(optimizer, self.config, steps_per_epoch)
+
+    def resolve_pos_weight(self) -> float:
+        """``config.pos_weight``, or for "auto" the background/lesion pixel ratio of the un-augmented
+        training masks (counted once, at the training resolution)."""
+        if self.config.pos_weight != "auto":
+            return float(self.config.pos_weight)
+        plain = build_splits(self.config, augment=False)["train"]
+        value = positive_weight(plain, self.dist, self.config.batch_size, self.workers)
+        self.log.say(f"--pos-weight auto: background/lesion pixel ratio of the training masks = {value:.4f}")
+        return value
+
+    # ---- steps --------------------------------------------------------------------------------
+    def compute_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Loss of logits (N, 1, S, S) against masks (N, 1, S, S), in float32 even under autocast."""
+        return self.loss_fn(logits.float(), masks)
+
+    def train_step(self, batch: dict[str, Any], epoch: int, step: int) -> float:
+        """One optimisation step on ``batch``; returns its loss. Raises TrainingDiverged before
+        touching the weights when the loss or gradient norm is not finite (on any rank)."""
+        images = to_input(batch["image"], self.device)
+        masks = batch["mask"].to(self.device, non_blocking=True)
+        with autocast(self.device, self.config.amp):
+            logits = self.net(images)
+        loss = self.compute_loss(logits, masks)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
+        # With fp16 loss scaling, inf gradients are routine: the scaler skips the step and lowers the scale.
+        bad = not math.isfinite(value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value))
+        if self.dist.any(bad):
+            raise TrainingDiverged(self.divergence_message(value if bad else float("nan"), epoch, step))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return value
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns train_loss, lr, seconds, images_per_s, peak_memory_mb."""
+        self.net.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        if hasattr(self.datasets["train"], "set_epoch"):  # a custom build_datasets may return plain Datasets
+            self.datasets["train"].set_epoch(epoch)
+        self.loader_generator.manual_seed(self.config.seed * 100_003 + epoch)
+        reset_peak_memory(self.device)
+        start, loss_sum, images, lr = time.perf_counter(), 0.0, 0, self.optimizer.param_groups[0]["lr"]
+        bar = progress(self.train_loader, len(self.train_loader), f"epoch {epoch + 1}/{self.config.epochs}",
+                       self.dist.is_main)
+        for step, batch in enumerate(bar):
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss = self.train_step(batch, epoch, step)
+            count = batch["image"].shape[0]
+            loss_sum, images = loss_sum + loss * count, images + count
+            rate = images * self.dist.world_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+        seconds = time.perf_counter() - start
+        loss_sum, images = self.dist.sum([loss_sum, images])
+        return {"train_loss": loss_sum / images, "lr": lr, "seconds": seconds, "images_per_s": images / seconds,
+                "peak_memory_mb": peak_memory_mb(self.device)}
+
+    @torch.no_grad()
+    def validate(self, loader: DataLoader) -> dict[str, float]:
+        """Mean loss and metrics (:data:`METRICS`, threshold 0.5) over every rank's shard of ``loader``."""
+        self.model.eval()
+        accumulator = MetricAccumulator(keep_per_image=False)
+        loss_sum = 0.0
+        for batch in loader:
+            images = to_input(batch["image"], self.device)
+            masks = batch["mask"].to(self.device, non_blocking=True)
+            with autocast(self.device, self.config.amp):
+                logits = self.model(images)
+            loss_sum += float(self.compute_loss(logits, masks)) * images.shape[0]
+            accumulator.update(torch.sigmoid(logits.float()), masks)
+        accumulator.all_reduce()
+        (loss_sum,) = self.dist.sum([loss_sum])
+        return {"loss": loss_sum / accumulator.count, **accumulator.compute()}
+
+    # ---- epoch end, checkpoints ---------------------------------------------------------------
+    def on_epoch_end(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
+        """Record the epoch: history row, best/stale bookkeeping, checkpoints (best first, then last), log."""
+        row = {"epoch": epoch + 1, "train_loss": train["train_loss"], "val_loss": val["loss"],
+               **{f"val_{name}": val[name] for name in METRICS},
+               **{k: train[k] for k in ("lr", "seconds", "images_per_s", "peak_memory_mb")}}
+        self.history.append(row)
+        improved = val["jaccard"] > self.best["jaccard"]
+        if improved:
+            self.best = {"epoch": epoch + 1, "jaccard": val["jaccard"], "metrics": {k: val[k] for k in METRICS}}
+            self.stale_epochs = 0
+        else:
+            self.stale_epochs += 1
+        self.epoch = epoch + 1
+        # best.pt before last.pt: a kill between the two leaves last.pt one epoch behind, and the
+        # resumed run redoes that epoch and rewrites the same best.pt.
+        self.save(["best.pt", "last.pt"] if improved else ["last.pt"])
+        self.log.epoch(row, self.history, self.config.epochs)
+        if self.should_stop():
+            self.log.say(f"early stopping: validation Jaccard has not improved for {self.config.patience} epochs "
+                         f"(best {self.best['jaccard']:.4f} at epoch {self.best['epoch']})")
+
+    def should_stop(self) -> bool:
+        """Early stopping: ``config.patience`` epochs in a row without a better validation Jaccard.
+        Checked before each epoch too, so resuming an early-stopped run does not train on."""
+        return bool(self.config.patience) and self.stale_epochs >= self.config.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state` needs to continue exactly where this epoch ended."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "best": self.best, "stale_epochs": self.stale_epochs, "pos_weight": self.pos_weight,
+                "history": self.history, "rng": capture_rng(), "config": self.config.to_dict(),
+                "versions": {"r2unet_fast": __version__, "torch": str(torch.__version__)}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (weights, optimizer, schedule, bookkeeping, RNG)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.stale_epochs = int(state["epoch"]), int(state["stale_epochs"])
+        self.best, self.history = dict(state["best"]), [dict(row) for row in state["history"]]
+        restore_rng(state["rng"])
+
+    def save(self, names: list[str]) -> None:
+        """Rank 0 writes ``checkpoints/<name>`` atomically; every rank waits for it."""
+        if self.dist.is_main:
+            state = self.state_dict()
+            for name in names:
+                save_checkpoint(self.out / CHECKPOINT_DIR / name, state)
+        self.dist.barrier()
+
+    def divergence_message(self, value: float, epoch: int, step: int) -> str:
+        last = self.out / CHECKPOINT_DIR / "last.pt"
+        kept = (f"the last good checkpoint is kept: {last} (epoch {self.epoch})" if self.epoch
+                else "no checkpoint was written (it diverged in the first epoch)")
+        return (f"training diverged: loss is {value} at epoch {epoch + 1}, step {step + 1}; stopped without "
+                f"saving it; {kept}; try a lower --lr (now {self.config.lr:g}), --grad-clip, or --amp off")
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train from ``self.epoch`` to ``config.epochs`` (or early stop), then evaluate the best
+        checkpoint on val and test; returns the content of metrics.json."""
+        self.log.write_json("config.json", self.config.to_dict())
+        with deterministic_algorithms(self.device):
+            for epoch in range(self.epoch, self.config.epochs):
+                if self.should_stop():
+                    break
+                train = self.train_epoch(epoch)
+                val = self.validate(self.eval_loaders["val"])
+                self.on_epoch_end(epoch, train, val)
+            return self.on_fit_end()
+
+    def on_fit_end(self) -> dict[str, Any]:
+        """Reload best.pt, score it on val and test, write metrics.json, curves.png, predictions.png."""
+        best = load_checkpoint(self.out / CHECKPOINT_DIR / "best.pt")
+        self.model.load_state_dict(best["model"])
+        results: dict[str, Any] = {}
+        for part, loader in self.eval_loaders.items():
+            scores = self.validate(loader)
+            results[part] = {name: scores[name] for name in METRICS}
+        results.update(best_epoch=best["epoch"], epochs_run=self.epoch, pos_weight=self.pos_weight,
+                       checkpoint=str(self.out / CHECKPOINT_DIR / "best.pt"))
+        self.log.write_json("metrics.json", results)
+        if self.dist.is_main:
+            plot_curves(self.history, self.out / "curves.png")
+            self.plot_preview()
+        self.log.close()
+        self.dist.barrier()
+        return results
+
+    @torch.no_grad()
+    def plot_preview(self) -> None:
+        """predictions.png for the first ``config.preview`` test cases (validation cases if no test set)."""
+        dataset = self.datasets.get("test", self.datasets["val"])
+        count = min(self.config.preview, len(dataset))
+        if count == 0:
+            return
+        items = [dataset[i] for i in range(count)]
+        images = torch.stack([item["image"] for item in items])
+        self.model.eval()
+        with autocast(self.device, self.config.amp):
+            logits, maps = self.model(to_input(images, self.device), return_attention=True)
+        attention = maps[-1].float().cpu() if maps else None
+        plot_predictions(images, torch.stack([item["mask"] for item in items]), torch.sigmoid(logits.float()).cpu(),
+                         attention, [str(item["id"]) for item in items], self.out / "predictions.png")

@@ -1,0 +1,38 @@
+"""DDP: ``torchrun --nproc_per_node 2`` on CPU (gloo) trains, reduces metrics over ranks, writes once."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from train_support import TINY, free_port, python, read_csv, read_json, subprocess_env
+
+from r2unet_fast import evaluate
+from r2unet_fast.metrics import METRICS
+
+
+def test_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    # 13 validation images: the shards are unequal (7 + 6), so a sum over ranks is needed to count each once.
+    command = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "r2unet_fast.train", *TINY, "--synthetic-sizes", "16", "13",
+               "5", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("epoch 1/1") == 1, "only rank 0 prints"
+    assert "cpu x2" in done.stdout
+    metrics = read_json(out / "metrics.json")
+    assert set(metrics["val"]) == set(METRICS) and set(metrics["test"]) == set(METRICS)
+    rows = read_csv(out / "log.csv")
+    assert len(rows) == 1
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert not any(key.startswith("module.") for key in state["model"]), "checkpoints hold the unwrapped model"
+    # One process scoring all 13 validation images must agree with the two ranks' reduced metrics.
+    target = tmp_path / "val.json"
+    assert evaluate.main(["--checkpoint", str(out), "--split", "val", "--out", str(target)]) == 0
+    single = read_json(target)
+    assert single["images"] == 13
+    for name in METRICS:
+        assert single["metrics"][name] == pytest.approx(metrics["val"][name], abs=1e-3), name

@@ -1,0 +1,110 @@
+"""Trainer building blocks: --pos-weight auto, LR schedule, atomic writes, RNG capture, sharding."""
+from __future__ import annotations
+
+import random
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from train_support import TINY, rgb, run
+
+from r2unet_fast.train.checkpoint import atomic_write, capture_rng, restore_rng
+from r2unet_fast.train.cli import main
+from r2unet_fast.train.config import TrainConfig
+from r2unet_fast.train.distributed import DistContext, ShardSampler
+from r2unet_fast.train.loaders import build_splits, positive_weight
+from r2unet_fast.train.optim import warmup_cosine
+
+
+def _quarter_lesion_folder(root: Path, n: int = 10, size: int = 32) -> Path:
+    """Every mask is exactly one quarter lesion (the top-left block), so background/lesion = 3."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[: size // 2, : size // 2] = 255
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rgb(size, size, i)).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+def test_pos_weight_auto_is_background_over_lesion(tmp_path: Path) -> None:
+    root = _quarter_lesion_folder(tmp_path / "d")
+    config = TrainConfig(dataset="folder", data=str(root), image_size=32, cache_dir=str(tmp_path / "cache"))
+    train = build_splits(config, augment=False)["train"]
+    assert positive_weight(train, DistContext(), batch_size=3, workers=0) == pytest.approx(3.0, abs=1e-12)
+
+
+def test_pos_weight_auto_reaches_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _quarter_lesion_folder(tmp_path / "d")
+    out = tmp_path / "run"
+    code, stdout, err = run(main, [*TINY, "--dataset", "folder", "--data", str(root), "--pos-weight", "auto",
+                                   "--cache-dir", str(tmp_path / "cache"), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "ratio of the training masks = 3.0000" in stdout
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["pos_weight"] == pytest.approx(3.0)
+
+
+def test_warmup_then_cosine() -> None:
+    factors = [warmup_cosine(step, warmup_steps=4, total_steps=20, min_ratio=0.1) for step in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[20] == pytest.approx(0.1)
+
+
+def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    atomic_write(path, lambda f: f.write(b"old"))
+
+    def broken(file) -> None:
+        file.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_rng_capture_round_trip(tmp_path: Path) -> None:
+    state = capture_rng()
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(torch.load(path, weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_shard_sampler_covers_each_item_once() -> None:
+    shards = [list(ShardSampler(13, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(13))
+
+
+def test_tensorboard_used_when_importable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    scalars: list[tuple[str, float, int]] = []
+
+    class FakeWriter:
+        def __init__(self, log_dir: str) -> None:
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            scalars.append((tag, value, step))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    code, _, err = run(main, [*TINY, "--epochs", "2", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    tags = {tag for tag, _, _ in scalars}
+    assert {"train/loss", "val/loss", "val/jaccard", "run/lr", "run/peak_memory_mb"} <= tags
+    assert {step for _, _, step in scalars} == {1, 2}
