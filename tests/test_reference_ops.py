@@ -133,3 +133,12 @@ def test_attention_gate_rejects_bad_input(index, bad, message):
 def test_softplus_neg_is_minus_log_sigmoid_everywhere():
     x = torch.linspace(-100, 100, 2001, dtype=torch.float64)
     torch.testing.assert_close(reference.softplus_neg(x), -F.logsigmoid(x))
+
+
+def test_gradient_at_exactly_zero_logits_matches_bce_with_logits():
+    logits = torch.zeros(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    target = (torch.rand(2, 1, 3, 3) > 0.5).double()
+    ops.hybrid_loss(logits, target, dice_weight=0.0, bce_weight=1.0, pos_weight=2.0, backend="reference").backward()
+    expected = torch.zeros_like(logits, requires_grad=True)
+    F.binary_cross_entropy_with_logits(expected, target, pos_weight=torch.tensor(2.0, dtype=torch.float64)).backward()
+    torch.testing.assert_close(logits.grad, expected.grad)

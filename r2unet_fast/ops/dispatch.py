@@ -20,7 +20,9 @@ BACKEND_CHOICES: tuple[str, ...] = ("auto",) + BACKENDS
 # op -> backend -> "module:function". Kernels are imported lazily so importing
 # the package never imports triton or touches CUDA.
 _KERNELS: dict[str, dict[str, str]] = {
-    "hybrid_loss": {"reference": "r2unet_fast.ops.reference:hybrid_loss"},
+    "hybrid_loss": {"reference": "r2unet_fast.ops.reference:hybrid_loss",
+                    "triton": "r2unet_fast.ops.autograd:hybrid_loss_triton",
+                    "cpu": "r2unet_fast.ops.autograd:hybrid_loss_cpu"},
     "attention_gate": {"reference": "r2unet_fast.ops.reference:attention_gate"},
 }
 

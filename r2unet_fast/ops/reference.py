@@ -10,13 +10,18 @@ import torch
 import torch.nn.functional as F
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype every op computes and returns in for input ``t``: float64 stays, the rest is float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def softplus_neg(x: torch.Tensor) -> torch.Tensor:
-    """``-log(sigmoid(x)) = log(1 + exp(-x))`` without overflow or a log of a sigmoid."""
-    return torch.relu(-x) + torch.log1p(torch.exp(-x.abs()))
+    """``-log(sigmoid(x)) = log(1 + exp(-x))`` without overflow or a log of a sigmoid.
+
+    ``log_sigmoid`` rather than ``relu(-x) + log1p(exp(-|x|))``: the latter's
+    autograd gradient is 0 at exactly x = 0 (both kinks), where it must be -1/2.
+    """
+    return -F.logsigmoid(x)
 
 
 def hybrid_loss_sums(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
@@ -29,7 +34,7 @@ def hybrid_loss_sums(logits: torch.Tensor, target: torch.Tensor, pos_weight: flo
         (N, 4) in float32 (float64 for float64 input): sum(p*t), sum(p), sum(t),
         sum of per-pixel weighted BCE.
     """
-    dtype = _compute_dtype(logits)
+    dtype = compute_dtype(logits)
     n = logits.shape[0]
     x = logits.reshape(n, -1).to(dtype)
     t = target.reshape(n, -1).to(dtype)

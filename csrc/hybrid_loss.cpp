@@ -1,0 +1,314 @@
+// Fused hybrid loss on CPU: one pass over logits+target for the per-image
+// sums, one pass (read logits+target, write the gradient) for the backward.
+//
+// Same contract as r2unet_fast/ops/triton/hybrid_loss.py: five sums per image
+//   I = sum p*t, P = sum p, T = sum t,
+//   B0 = sum (1-t)*softplus(x), B1 = sum t*softplus(-x)
+// and, from g = dLoss/dsums (N, 5), with q = 1 - p,
+//   dL/dx = p*q*(gI*t + gP) + gB0*(1-t)*p - gB1*t*q
+//   dL/dt = gI*p + gT + (gB1 - gB0)*softplus(-x) - gB0*x
+// pos_weight and the Dice/BCE weights stay in Python (autograd derives g).
+//
+// Parallel over (image, chunk) work items; partial sums land in a buffer
+// indexed by work item and are reduced in a fixed order, so results do not
+// depend on the thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+// The loops below are compiled for AVX-512 and AVX2 as well as the baseline
+// ISA, picked at load time by the CPU (GCC function multi-versioning): the
+// extension is built without -march flags, so it runs on any x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define R2UNET_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define R2UNET_VECTOR_CLONES
+#endif
+
+namespace r2unet_fast {
+namespace {
+
+constexpr int kNumSums = 5;
+// A work item: big enough to amortise scheduling, small enough that 16
+// images of 256x256 give every core many items.
+constexpr int64_t kChunk = 8192;
+// float lane sums are flushed into double every kBlock elements, so the
+// float accumulators never sum more than kBlock / vector-width terms.
+constexpr int64_t kBlock = 512;
+
+// exp(-|x|), log1p(e) for e in [0, 1], and a select on the sign of x. The
+// float versions avoid libm calls and floating-point compares (GCC will not
+// if-convert a compare that may trap under the default -ftrapping-math), so
+// the loops below vectorise; double keeps libm, as it serves gradcheck, not speed.
+template <typename T>
+struct Math;
+
+template <>
+struct Math<float> {
+  static inline int32_t bits(float f) {
+    int32_t i;
+    std::memcpy(&i, &f, sizeof(i));
+    return i;
+  }
+  static inline float from_bits(int32_t i) {
+    float f;
+    std::memcpy(&f, &i, sizeof(f));
+    return f;
+  }
+  // a where x has its sign bit set, else b
+  static inline float if_neg(float x, float a, float b) {
+    const int32_t m = bits(x) >> 31;
+    return from_bits((bits(a) & m) | (bits(b) & ~m));
+  }
+  static inline float exp_neg_abs(float x) {
+    // |x| clamped to 87 by comparing bit patterns (non-negative floats order
+    // like their bits): 2^n stays a normal float, and exp(-87) ~ 1.6e-38 is
+    // zero for every use here (p, 1 - p and log1p(e) of such e).
+    constexpr int32_t kBits87 = 0x42ae0000;
+    const int32_t a = bits(x) & 0x7fffffff;
+    const float y = -from_bits(a < kBits87 ? a : kBits87);
+    // round to nearest: y*log2(e) <= 0 and the conversion truncates toward zero
+    const int32_t n = static_cast<int32_t>(y * 1.44269504088896341f - 0.5f);
+    const float fn = static_cast<float>(n);
+    // Cody-Waite reduction (ln 2 = 0.693359375 - 2.12194440e-4), Cephes expf polynomial
+    const float r = (y - fn * 0.693359375f) + fn * 2.12194440e-4f;
+    float poly = 1.9875691500e-4f;
+    poly = poly * r + 1.3981999507e-3f;
+    poly = poly * r + 8.3334519073e-3f;
+    poly = poly * r + 4.1665795894e-2f;
+    poly = poly * r + 1.6666665459e-1f;
+    poly = poly * r + 5.0000001201e-1f;
+    poly = poly * r * r + r + 1.0f;
+    return poly * from_bits((n + 127) << 23);
+  }
+  static inline float log1p_unit(float e) {
+    // log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3: the series in s^2 <= 1/9
+    // reaches float precision by s^13 and stays relative-accurate as e -> 0.
+    const float s = e / (2.0f + e);
+    const float z = s * s;
+    float poly = 1.0f / 13.0f;
+    poly = poly * z + 1.0f / 11.0f;
+    poly = poly * z + 1.0f / 9.0f;
+    poly = poly * z + 1.0f / 7.0f;
+    poly = poly * z + 1.0f / 5.0f;
+    poly = poly * z + 1.0f / 3.0f;
+    poly = poly * z + 1.0f;
+    return 2.0f * s * poly;
+  }
+};
+
+template <>
+struct Math<double> {
+  static inline double if_neg(double x, double a, double b) { return std::signbit(x) ? a : b; }
+  static inline double exp_neg_abs(double x) { return std::exp(-std::abs(x)); }
+  static inline double log1p_unit(double e) { return std::log1p(e); }
+};
+
+// max(x, 0) without a compare (exact: x + |x| is 2x or 0)
+template <typename T>
+inline T relu(T x) {
+  return T(0.5) * (std::abs(x) + x);
+}
+
+template <typename scalar_t, typename target_t>
+R2UNET_VECTOR_CLONES void fwd_item(const scalar_t* x, const target_t* t, int64_t len, double* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Math<acc_t>;
+  double total[kNumSums] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t m = std::min(kBlock, len - b);
+    const scalar_t* xb = x + b;
+    const target_t* tb = t + b;
+    acc_t s_pt = 0, s_p = 0, s_t = 0, s_b0 = 0, s_b1 = 0;
+#pragma omp simd reduction(+ : s_pt, s_p, s_t, s_b0, s_b1)
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t xv = static_cast<acc_t>(xb[j]);
+      const acc_t tv = static_cast<acc_t>(tb[j]);
+      const acc_t e = M::exp_neg_abs(xv);
+      const acc_t r = acc_t(1) / (acc_t(1) + e);
+      const acc_t p = M::if_neg(xv, e * r, r);
+      const acc_t l = M::log1p_unit(e);
+      s_pt += p * tv;
+      s_p += p;
+      s_t += tv;
+      s_b0 += (acc_t(1) - tv) * (relu(xv) + l);
+      s_b1 += tv * (relu(-xv) + l);
+    }
+    total[0] += s_pt;
+    total[1] += s_p;
+    total[2] += s_t;
+    total[3] += s_b0;
+    total[4] += s_b1;
+  }
+  std::copy(total, total + kNumSums, out);
+}
+
+template <typename scalar_t, typename target_t, bool kGradTarget>
+R2UNET_VECTOR_CLONES void bwd_item(const scalar_t* x, const target_t* t, int64_t len,
+                                   const at::opmath_type<scalar_t>* g, scalar_t* gx, target_t* gt) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = Math<acc_t>;
+  const acc_t g_i = g[0], g_p = g[1], g_t = g[2], g_b0 = g[3], g_b1 = g[4];
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t xv = static_cast<acc_t>(x[j]);
+    const acc_t tv = static_cast<acc_t>(t[j]);
+    const acc_t e = M::exp_neg_abs(xv);
+    const acc_t r = acc_t(1) / (acc_t(1) + e);
+    const acc_t p = M::if_neg(xv, e * r, r);
+    const acc_t q = M::if_neg(xv, r, e * r);  // 1 - p without cancellation
+    gx[j] = static_cast<scalar_t>(p * q * (g_i * tv + g_p) + g_b0 * (acc_t(1) - tv) * p - g_b1 * tv * q);
+    if constexpr (kGradTarget) {
+      const acc_t softplus_neg = relu(-xv) + M::log1p_unit(e);
+      gt[j] = static_cast<target_t>(g_i * p + g_t + (g_b1 - g_b0) * softplus_neg - g_b0 * xv);
+    }
+  }
+}
+
+// Calls fn(work item, image, offset in the image, length) for every work item, in parallel.
+template <typename Fn>
+void for_each_chunk(int64_t num_images, int64_t numel_per_image, const Fn& fn) {
+  const int64_t chunks = (numel_per_image + kChunk - 1) / kChunk;
+  at::parallel_for(0, num_images * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t image = item / chunks;
+      const int64_t start = (item % chunks) * kChunk;
+      fn(item, image, start, std::min(kChunk, numel_per_image - start));
+    }
+  });
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Each image's elements must fill one dense block of memory, in the same
+// order in both tensors (strides may differ only on size-1 dims).
+void check_image_major(const char* name, const at::Tensor& t) {
+  const int64_t per_image = t.numel() / t.size(0);
+  TORCH_CHECK(t.is_non_overlapping_and_dense() && (t.size(0) == 1 || t.stride(0) == per_image), name,
+              " must be dense with the batch dimension outermost (contiguous or channels_last), got strides ",
+              t.strides());
+}
+
+void check_same_layout(const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", t.sizes());
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    TORCH_CHECK(t.size(d) == 1 || t.stride(d) == like.stride(d), name, " must have the memory layout of ",
+                "logits (strides ", like.strides(), "), got ", t.strides());
+  }
+}
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& target) {
+  TORCH_CHECK(logits.device().is_cpu() && target.device().is_cpu(), "hybrid_loss (cpu) needs CPU tensors");
+  TORCH_CHECK(logits.dim() >= 1 && logits.size(0) > 0 && logits.numel() > 0,
+              "hybrid_loss needs a non-empty batch, got shape ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits must be floating point, got ", logits.scalar_type());
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  TORCH_CHECK(target.scalar_type() == logits.scalar_type() || target.scalar_type() == acc,
+              "target dtype must be the logits dtype or ", acc, ", got ", target.scalar_type());
+  check_image_major("logits", logits);
+  check_same_layout("target", target, logits);
+}
+
+void check_buffer(const char* name, const at::Tensor& t, at::IntArrayRef sizes, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.sizes() == sizes && t.scalar_type() == dtype && t.is_contiguous(), name,
+              " must be a contiguous CPU tensor of shape ", sizes, " and dtype ", dtype, ", got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
+// Dispatches on the logits dtype, then on the target dtype (the logits
+// dtype or its accumulation dtype, as Python passes it).
+template <typename Fn>
+void dispatch_dtypes(const at::Tensor& logits, const at::Tensor& target, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "hybrid_loss", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (target.scalar_type() == logits.scalar_type()) {
+      fn(scalar_t(), scalar_t());
+    } else {
+      fn(scalar_t(), acc_t());
+    }
+  });
+}
+
+}  // namespace
+
+void hybrid_loss_fwd(const at::Tensor& logits, const at::Tensor& target, at::Tensor out) {
+  check_inputs(logits, target);
+  const int64_t n = logits.size(0);
+  const int64_t per_image = logits.numel() / n;
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  check_buffer("out", out, {n, kNumSums}, acc);
+  const int64_t chunks = (per_image + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(n * chunks * kNumSums));
+  dispatch_dtypes(logits, target, [&](auto x_tag, auto t_tag) {
+    using scalar_t = decltype(x_tag);
+    using target_t = decltype(t_tag);
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const target_t* t = target.const_data_ptr<target_t>();
+    for_each_chunk(n, per_image, [&](int64_t item, int64_t image, int64_t start, int64_t len) {
+      const int64_t offset = image * per_image + start;
+      fwd_item<scalar_t, target_t>(x + offset, t + offset, len, partial.data() + item * kNumSums);
+    });
+  });
+  AT_DISPATCH_FLOATING_TYPES(acc, "hybrid_loss_fwd_out", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t image = 0; image < n; ++image) {
+      for (int k = 0; k < kNumSums; ++k) {
+        double s = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          s += partial[(image * chunks + c) * kNumSums + k];
+        }
+        o[image * kNumSums + k] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+}
+
+void hybrid_loss_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_sums,
+                     at::Tensor grad_logits, const std::optional<at::Tensor>& grad_target) {
+  check_inputs(logits, target);
+  const int64_t n = logits.size(0);
+  const int64_t per_image = logits.numel() / n;
+  check_buffer("grad_sums", grad_sums, {n, kNumSums}, acc_type(logits.scalar_type()));
+  TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), "grad_logits must have dtype ",
+              logits.scalar_type());
+  check_same_layout("grad_logits", grad_logits, logits);
+  if (grad_target.has_value()) {
+    TORCH_CHECK(grad_target->scalar_type() == target.scalar_type(), "grad_target must have dtype ",
+                target.scalar_type());
+    check_same_layout("grad_target", *grad_target, logits);
+  }
+  dispatch_dtypes(logits, target, [&](auto x_tag, auto t_tag) {
+    using scalar_t = decltype(x_tag);
+    using target_t = decltype(t_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    const target_t* t = target.const_data_ptr<target_t>();
+    const acc_t* g = grad_sums.const_data_ptr<acc_t>();
+    scalar_t* gx = grad_logits.data_ptr<scalar_t>();
+    target_t* gt = grad_target.has_value() ? grad_target->data_ptr<target_t>() : nullptr;
+    for_each_chunk(n, per_image, [&](int64_t, int64_t image, int64_t start, int64_t len) {
+      const int64_t offset = image * per_image + start;
+      if (gt != nullptr) {
+        bwd_item<scalar_t, target_t, true>(x + offset, t + offset, len, g + image * kNumSums, gx + offset,
+                                           gt + offset);
+      } else {
+        bwd_item<scalar_t, target_t, false>(x + offset, t + offset, len, g + image * kNumSums, gx + offset,
+                                            nullptr);
+      }
+    });
+  });
+}
+
+}  // namespace r2unet_fast

@@ -1,0 +1,75 @@
+"""The whole model: every available backend gives the reference's logits, loss, gradients and loss curve."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from r2unet_fast import HybridLoss, R2AttUNet, available_backends
+
+
+def _backends() -> list:
+    params = []
+    for name, reason in available_backends(device="cpu").items():
+        if name == "reference":
+            continue
+        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
+    return params
+
+
+def _switched(model: R2AttUNet, backend: str) -> R2AttUNet:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ops without a kernel for this backend run the reference
+        return model.set_backend(backend)
+
+
+def _model() -> R2AttUNet:
+    return R2AttUNet(base_channels=4, depth=3, t=2, attention_norm=True).double()
+
+
+def _batch():
+    x = torch.randn(3, 3, 16, 24, dtype=torch.float64)
+    y = (torch.rand(3, 1, 16, 24) > 0.7).double()
+    return x, y
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("train", [True, False])
+def test_same_logits_loss_and_gradients(backend, train):
+    ref = _model().train(train)
+    fast = _switched(copy.deepcopy(ref), backend)
+    x, y = _batch()
+    losses, grads = [], []
+    for model, name in ((ref, "reference"), (fast, backend)):
+        logits = model(x)
+        loss = HybridLoss(pos_weight=2.5, backend=name)(logits, y)
+        loss.backward()
+        losses.append((logits.detach(), loss.detach()))
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-10, atol=1e-12)
+    for g_fast, g_ref in zip(*grads):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_short_training_runs_follow_the_same_loss_curve(backend):
+    curves = []
+    for name in ("reference", backend):
+        torch.manual_seed(1)
+        model = _switched(R2AttUNet(base_channels=4, depth=3, t=2), name)
+        loss_fn = HybridLoss(backend=name)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(2)
+        curve = []
+        for _ in range(6):
+            x = torch.randn(4, 3, 16, 16, generator=gen)
+            y = (x.mean(1, keepdim=True) > 0).float()
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves.append(curve)
+    assert curves[1] == pytest.approx(curves[0], rel=1e-3, abs=1e-4)
+    assert curves[0][-1] < curves[0][0]
