@@ -32,16 +32,7 @@ def hybrid_loss_fwd(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def hybrid_loss_bwd(logits: torch.Tensor, target: torch.Tensor, grad_sums: torch.Tensor,
                     grad_target: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients of the loss from its gradient with respect to the five sums.
-
-    Args:
-        logits, target: as for :func:`hybrid_loss_fwd`.
-        grad_sums: (N, 5) contiguous, float32 (float64 for float64 logits).
-        grad_target: also return the target's gradient.
-    Returns:
-        grad_logits like ``logits`` (dtype and strides), and grad_target like
-        ``target`` or None.
-    """
+    """The C++ twin of :func:`r2unet_fast.ops.triton.hybrid_loss.hybrid_loss_bwd` (same contract, CPU tensors)."""
     grad_logits = torch.empty_like(logits)
     grad_tgt = torch.empty_like(target) if grad_target else None
     _C.hybrid_loss_bwd(logits, target, grad_sums, grad_logits, grad_tgt)
