@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 
+from benchmarks.steps import loss_step
+
 
 @dataclass
 class Context:
@@ -142,7 +144,7 @@ def section_hybrid_loss(ctx: Context) -> dict:
                 if fn is None:
                     row.ms[impl], row.notes[impl] = None, compile_note
                     continue
-                step = _step(fn, logits, target, pass_)
+                step = loss_step(fn, logits, target, pass_)
                 try:
                     row.ms[impl] = ctx.bench_ms(step)
                 except Exception as e:  # only compile is expected to fail; keep the others' numbers
@@ -150,19 +152,6 @@ def section_hybrid_loss(ctx: Context) -> dict:
             timings.append(row)
     return {"name": "hybrid_loss", "checks_passed": True, "timings": timings,
             "autotune_winners": kernels.tuned_configs()}
-
-
-def _step(fn: Callable, logits: torch.Tensor, target: torch.Tensor, pass_: str) -> Callable[[], None]:
-    if pass_ == "fwd":
-        def fwd() -> None:
-            with torch.no_grad():
-                fn(logits, target)
-        return fwd
-
-    def fwd_bwd() -> None:
-        logits.grad = None
-        fn(logits, target).backward()
-    return fwd_bwd
 
 
 # Later ops append their section function; each returns {"name", "timings", ...}.

@@ -1,7 +1,6 @@
 """hybrid_loss at 16x1x256x256: forward and forward+backward, reference vs fast vs torch.compile."""
 from __future__ import annotations
 
-from typing import Callable
 
 import pytest
 import torch
@@ -9,8 +8,9 @@ import torch
 from r2unet_fast import ops
 from r2unet_fast.ops import reference
 
+from .steps import PASSES, loss_step
+
 SHAPE = (16, 1, 256, 256)
-PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("reference", "fast", "compile")
 
 
@@ -18,19 +18,6 @@ def _inputs(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     logits = (torch.randn(SHAPE, device=device) * 3).to(dtype).requires_grad_()
     target = (torch.rand(SHAPE, device=device) > 0.7).to(dtype)
     return logits, target
-
-
-def _step(loss_fn: Callable, logits: torch.Tensor, target: torch.Tensor, pass_: str) -> Callable[[], None]:
-    if pass_ == "fwd":
-        def fwd() -> None:
-            with torch.no_grad():
-                loss_fn(logits, target)
-        return fwd
-
-    def fwd_bwd() -> None:
-        logits.grad = None
-        loss_fn(logits, target).backward()
-    return fwd_bwd
 
 
 def _dtypes() -> list:
@@ -54,6 +41,6 @@ def test_hybrid_loss(benchmark, bench, device, pass_, impl, dtype):
         def loss_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return ops.hybrid_loss(x, t, backend=backend)
     else:
-        loss_fn = bench.compiled(reference.hybrid_loss, lambda f: _step(f, logits, target, pass_))
-    bench.run(_step(loss_fn, logits, target, pass_), op="hybrid_loss", pass_=pass_, impl=impl, backend=backend,
+        loss_fn = bench.compiled(reference.hybrid_loss, lambda f: loss_step(f, logits, target, pass_))
+    bench.run(loss_step(loss_fn, logits, target, pass_), op="hybrid_loss", pass_=pass_, impl=impl, backend=backend,
               shape=list(SHAPE), dtype=str(dtype))
