@@ -1,7 +1,6 @@
 """hybrid_loss at 16x1x256x256: forward and forward+backward, reference vs fast vs torch.compile."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
