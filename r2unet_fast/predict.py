@@ -13,7 +13,7 @@ from PIL import Image
 
 from .data import DataError, load_image
 from .data.io import is_image_file, resize_image
-from .data.transforms import to_tensors
+from .data.transforms import normalize
 from .train.checkpoint import atomic_write
 from .train.cli import ArgumentParser, add_inference_arguments, load_for_inference, run_cli
 from .train.config import UsageError
@@ -81,7 +81,7 @@ def _predict(argv: Sequence[str] | None) -> int:
     out = Path(args.out)
     for path in files:
         image = load_image(path)
-        tensor, _ = to_tensors(resize_image(image, config.image_size), np.zeros((1, 1), np.uint8))
+        tensor = normalize(resize_image(image, config.image_size))
         probs = predict_probs(model, tensor[None], device, amp=args.amp, tta=args.tta)
         mask = (resize_probs(probs[0], *image.shape[:2]) > args.threshold).numpy().astype(np.uint8)
         _save_png(out / f"{path.stem}_mask.png", mask * np.uint8(255))

@@ -74,15 +74,18 @@ class Augmenter:
         return out["image"], out["mask"]
 
 
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W) normalised with IMAGE_MEAN / IMAGE_STD (the model's input)."""
+    normalised = (image.astype(np.float32) / 255.0 - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+
+
 def to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (S, S, 3) RGB and uint8 (S, S) {0,1} -> float32 (3, S, S) normalised and float32 (1, S, S)."""
-    normalised = (image.astype(np.float32) / 255.0 - _MEAN) / _STD
-    image_tensor = torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
-    mask_tensor = torch.from_numpy(mask.astype(np.float32)[None])
-    return image_tensor, mask_tensor
+    return normalize(image), torch.from_numpy(mask.astype(np.float32)[None])
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
-    """Undo ``to_tensors``: float (3, H, W) or (B, 3, H, W) -> uint8 (H, W, 3) or (B, H, W, 3) RGB."""
+    """Undo :func:`normalize`: float (3, H, W) or (B, 3, H, W) -> uint8 (H, W, 3) or (B, H, W, 3) RGB."""
     channels_last = image.detach().float().cpu().movedim(-3, -1).numpy()
     return np.clip((channels_last * _STD + _MEAN) * 255.0 + 0.5, 0, 255).astype(np.uint8)
