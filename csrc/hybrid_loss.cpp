@@ -119,6 +119,16 @@ inline T relu(T x) {
   return T(0.5) * (std::abs(x) + x);
 }
 
+// sigmoid(x) and 1 - sigmoid(x) from e = exp(-|x|), each without cancellation
+template <typename T>
+struct Sigmoid {
+  T p, q;
+  static inline Sigmoid of(T x, T e) {
+    const T r = T(1) / (T(1) + e);
+    return {Math<T>::if_neg(x, e * r, r), Math<T>::if_neg(x, r, e * r)};
+  }
+};
+
 template <typename scalar_t, typename target_t>
 R2UNET_VECTOR_CLONES void fwd_item(const scalar_t* x, const target_t* t, int64_t len, double* out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -134,8 +144,7 @@ R2UNET_VECTOR_CLONES void fwd_item(const scalar_t* x, const target_t* t, int64_t
       const acc_t xv = static_cast<acc_t>(xb[j]);
       const acc_t tv = static_cast<acc_t>(tb[j]);
       const acc_t e = M::exp_neg_abs(xv);
-      const acc_t r = acc_t(1) / (acc_t(1) + e);
-      const acc_t p = M::if_neg(xv, e * r, r);
+      const acc_t p = Sigmoid<acc_t>::of(xv, e).p;
       const acc_t l = M::log1p_unit(e);
       s_pt += p * tv;
       s_p += p;
@@ -163,9 +172,7 @@ R2UNET_VECTOR_CLONES void bwd_item(const scalar_t* x, const target_t* t, int64_t
     const acc_t xv = static_cast<acc_t>(x[j]);
     const acc_t tv = static_cast<acc_t>(t[j]);
     const acc_t e = M::exp_neg_abs(xv);
-    const acc_t r = acc_t(1) / (acc_t(1) + e);
-    const acc_t p = M::if_neg(xv, e * r, r);
-    const acc_t q = M::if_neg(xv, r, e * r);  // 1 - p without cancellation
+    const auto [p, q] = Sigmoid<acc_t>::of(xv, e);
     gx[j] = static_cast<scalar_t>(p * q * (g_i * tv + g_p) + g_b0 * (acc_t(1) - tv) * p - g_b1 * tv * q);
     if constexpr (kGradTarget) {
       const acc_t softplus_neg = relu(-xv) + M::log1p_unit(e);

@@ -65,6 +65,14 @@ def _log1p_small(e):
 
 
 @triton.jit
+def _sigmoid_parts(x):
+    # e = exp(-|x|), p = sigmoid(x) and q = 1 - p, each without cancellation
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return e, tl.where(x >= 0.0, r, e * r), tl.where(x >= 0.0, e * r, r)
+
+
+@triton.jit
 def _as_element_of(value, ptr):
     # value in ptr's element type, rounded to nearest even. By hand for
     # bfloat16: the compiled cast rounds so too, the interpreter's truncates.
@@ -98,9 +106,7 @@ def _hybrid_loss_fwd_kernel(x_ptr, t_ptr, part_ptr, numel_per_image, chunk_size,
         mask = idx < end
         x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(acc_dtype)
         t = tl.load(t_ptr + base + idx, mask=mask, other=0.0).to(acc_dtype)
-        e = tl.exp(-tl.abs(x))
-        r = 1.0 / (1.0 + e)
-        p = tl.where(x >= 0.0, r, e * r)
+        e, p, _ = _sigmoid_parts(x)
         log1p_e = _log1p_small(e)
         softplus_pos = tl.maximum(x, 0.0) + log1p_e
         softplus_neg = tl.maximum(-x, 0.0) + log1p_e
@@ -134,10 +140,7 @@ def _hybrid_loss_bwd_kernel(x_ptr, t_ptr, g_ptr, gx_ptr, gt_ptr, numel_per_image
     g_b1 = tl.load(g + 4)
     x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(acc_dtype)
     t = tl.load(t_ptr + base + idx, mask=mask, other=0.0).to(acc_dtype)
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    p = tl.where(x >= 0.0, r, e * r)
-    q = tl.where(x >= 0.0, e * r, r)  # 1 - p without cancellation
+    e, p, q = _sigmoid_parts(x)
     gx = p * q * (g_i * t + g_p) + g_b0 * (1.0 - t) * p - g_b1 * t * q
     tl.store(gx_ptr + base + idx, _as_element_of(gx, gx_ptr), mask=mask)
     if GRAD_TARGET:
