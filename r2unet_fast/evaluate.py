@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import DATASETS, DataError, load_mask
 from .metrics import METRICS, MetricAccumulator
 from .nn import R2AttUNet
-from .train.checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .train.cli import ArgumentParser, add_inference_arguments, load_for_inference, run_cli, run_folder
 from .train.config import TrainConfig
 from .train.inference import predict_probs, resize_probs

@@ -14,7 +14,7 @@ from PIL import Image
 from .data import DataError, load_image
 from .data.io import is_image_file, resize_image
 from .data.transforms import normalize
-from .train.checkpoint import atomic_write
+from .files import atomic_write
 from .train.cli import ArgumentParser, add_inference_arguments, load_for_inference, run_cli
 from .train.config import UsageError
 from .train.inference import predict_probs, resize_probs

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from train_support import TINY, rgb, run
 
-from r2unet_fast.train.checkpoint import atomic_write, capture_rng, restore_rng
+from r2unet_fast.files import atomic_write
+from r2unet_fast.train.checkpoint import capture_rng, restore_rng
 from r2unet_fast.train.cli import main
 from r2unet_fast.train.config import TrainConfig
 from r2unet_fast.train.distributed import DistContext, ShardSampler

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from . import io
 from .errors import DataError
 
@@ -71,16 +71,9 @@ class ResizeCache:
 
     def _write(self, path: Path, entry: np.ndarray) -> None:
         """Write atomically so concurrent workers or runs never read a half-written entry."""
-        tmp_name = None
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            handle, tmp_name = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-            with os.fdopen(handle, "wb") as tmp:
-                np.save(tmp, entry, allow_pickle=False)
-            os.replace(tmp_name, path)
+            atomic_write(path, lambda file: np.save(file, entry, allow_pickle=False), durable=False)
         except OSError as error:
-            if tmp_name is not None:
-                Path(tmp_name).unlink(missing_ok=True)
             raise DataError(
                 f"cannot write the image cache in {self.folder} ({error.strerror or error}); "
                 f"set ${CACHE_ENV} to a writable folder"

@@ -1,4 +1,4 @@
-"""Atomic file writes, checkpoints that carry their config, and RNG state capture.
+"""Checkpoints that carry their config (written atomically), and RNG state capture.
 
 A checkpoint is a plain dict loadable with ``torch.load(weights_only=True)``:
 ``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``epoch`` (epochs
@@ -7,46 +7,20 @@ completed), ``best`` (epoch, val metrics), ``stale_epochs``, ``pos_weight``, ``h
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from .config import TrainConfig, UsageError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    Readers see the old file or the new one, never a torn one, even if the process is
-    killed mid-write (the rename is atomic on POSIX and Windows).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically replace ``path`` with ``text`` (UTF-8)."""
-    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def capture_rng() -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from ..files import atomic_write_text
 
 # Leading columns of log.csv, in order; metric columns follow as val_<metric>.
 BASE_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_loss")

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..data import denormalize
-from .checkpoint import atomic_write
+from ..files import atomic_write
 
 
 def _save(figure: Figure, path: Path) -> None:
