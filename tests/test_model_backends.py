@@ -5,16 +5,9 @@ import warnings
 import pytest
 import torch
 
-from r2unet_fast import HybridLoss, R2AttUNet, available_backends
+from backend_cases import Case, cases
 
-
-def _backends() -> list:
-    params = []
-    for name, reason in available_backends(device="cpu").items():
-        if name == "reference":
-            continue
-        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
-    return params
+from r2unet_fast import HybridLoss, R2AttUNet
 
 
 def _switched(model: R2AttUNet, backend: str) -> R2AttUNet:
@@ -27,20 +20,20 @@ def _model() -> R2AttUNet:
     return R2AttUNet(base_channels=4, depth=3, t=2, attention_norm=True).double()
 
 
-def _batch():
+def _batch(device: torch.device):
     x = torch.randn(3, 3, 16, 24, dtype=torch.float64)
     y = (torch.rand(3, 1, 16, 24) > 0.7).double()
-    return x, y
+    return x.to(device), y.to(device)
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", cases())
 @pytest.mark.parametrize("train", [True, False])
-def test_same_logits_loss_and_gradients(backend, train):
-    ref = _model().train(train)
-    fast = _switched(copy.deepcopy(ref), backend)
-    x, y = _batch()
+def test_same_logits_loss_and_gradients(backend: Case, train):
+    ref = _model().to(backend.device).train(train)
+    fast = _switched(copy.deepcopy(ref), backend.name)
+    x, y = _batch(backend.device)
     losses, grads = [], []
-    for model, name in ((ref, "reference"), (fast, backend)):
+    for model, name in ((ref, "reference"), (fast, backend.name)):
         logits = model(x)
         loss = HybridLoss(pos_weight=2.5, backend=name)(logits, y)
         loss.backward()
@@ -52,18 +45,18 @@ def test_same_logits_loss_and_gradients(backend, train):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", _backends())
-def test_short_training_runs_follow_the_same_loss_curve(backend):
+@pytest.mark.parametrize("backend", cases())
+def test_short_training_runs_follow_the_same_loss_curve(backend: Case):
     curves = []
-    for name in ("reference", backend):
+    for name in ("reference", backend.name):
         torch.manual_seed(1)
-        model = _switched(R2AttUNet(base_channels=4, depth=3, t=2), name)
+        model = _switched(R2AttUNet(base_channels=4, depth=3, t=2).to(backend.device), name)
         loss_fn = HybridLoss(backend=name)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(2)
         curve = []
         for _ in range(6):
-            x = torch.randn(4, 3, 16, 16, generator=gen)
+            x = torch.randn(4, 3, 16, 16, generator=gen).to(backend.device)
             y = (x.mean(1, keepdim=True) > 0).float()
             loss = loss_fn(model(x), y)
             opt.zero_grad()
