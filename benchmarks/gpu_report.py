@@ -59,6 +59,8 @@ class Timing:
     bytes_moved: int
     ms: dict[str, float | None] = field(default_factory=dict)  # impl -> median ms (None: unavailable)
     notes: dict[str, str] = field(default_factory=dict)
+    peak_mb: dict[str, float | None] = field(default_factory=dict)  # impl -> memory one call adds at its peak
+    launches: dict[str, int | None] = field(default_factory=dict)  # impl -> device kernels (CPU: ATen ops) per call
 
     def gbps(self, impl: str) -> float | None:
         ms = self.ms.get(impl)
@@ -82,6 +84,32 @@ def _compile_or_reason(fn: Callable) -> tuple[Callable | None, str]:
         return torch.compile(fn), ""
     except Exception as e:  # report and carry on with eager and fast
         return None, f"torch.compile failed: {type(e).__name__}: {e}"
+
+
+def peak_added_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """MiB one call of ``fn`` adds at its peak on top of what was allocated before (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def launches_per_call(fn: Callable[[], object], device: torch.device) -> int:
+    """Device kernels (memcpy/memset included) one call of ``fn`` launches; on CPU, the ATen ops it runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
 
 
 def copy_bandwidth_gbps(ctx: Context) -> float:
@@ -147,6 +175,8 @@ def section_hybrid_loss(ctx: Context) -> dict:
                 step = loss_step(fn, logits, target, pass_)
                 try:
                     row.ms[impl] = ctx.bench_ms(step)
+                    row.peak_mb[impl] = peak_added_mb(step, dev)
+                    row.launches[impl] = launches_per_call(step, dev)
                 except Exception as e:  # only compile is expected to fail; keep the others' numbers
                     row.ms[impl], row.notes[impl] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             timings.append(row)
@@ -176,7 +206,7 @@ def _fmt(v: float | None, spec: str) -> str:
 def table(timings: list[Timing], copy_gbps: float) -> str:
     """Plain-text table: one row per op/pass/dtype."""
     head = (f"{'op':<14}{'pass':<9}{'dtype':<10}{'eager ms':>10}{'compile ms':>12}{'fast ms':>10}"
-            f"{'x eager':>9}{'x compile':>11}{'fast GB/s':>11}{'% copy BW':>11}")
+            f"{'x eager':>9}{'x compile':>11}{'fast GB/s':>11}{'% copy BW':>11}{'launches e/c/f':>16}")
     lines = [head, "-" * len(head)]
     for t in timings:
         eager, comp, fast = (t.ms.get(k) for k in ("eager", "compile", "fast"))
@@ -185,7 +215,8 @@ def table(timings: list[Timing], copy_gbps: float) -> str:
             f"{t.op:<14}{t.pass_:<9}{t.dtype:<10}{_fmt(eager, '.4f'):>10}{_fmt(comp, '.4f'):>12}{_fmt(fast, '.4f'):>10}"
             f"{_fmt(eager / fast if eager and fast else None, '.2f'):>9}"
             f"{_fmt(comp / fast if comp and fast else None, '.2f'):>11}{_fmt(gbps, '.0f'):>11}"
-            f"{_fmt(100 * gbps / copy_gbps if gbps else None, '.1f'):>11}")
+            f"{_fmt(100 * gbps / copy_gbps if gbps else None, '.1f'):>11}"
+            f"{'/'.join(_fmt(t.launches.get(k), 'd') for k in ('eager', 'compile', 'fast')):>16}")
     return "\n".join(lines)
 
 
