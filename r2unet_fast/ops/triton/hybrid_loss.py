@@ -47,7 +47,13 @@ BWD_TILES: list[tuning.Tile] = [{"BLOCK_SIZE": b, "num_warps": w} for b, w in
                                 ((1024, 4), (512, 4), (512, 8), (1024, 8), (2048, 4), (2048, 8))]
 # Committed winners, {(arch, "fwd"/"bwd", numel_bucket, dtype): tile}, skip autotuning for their
 # key; benchmarks/gpu_report.py prints them ready to paste.
-TUNED_TILES: dict[tuning.CommittedKey, tuning.Tile] = {}
+TUNED_TILES: dict[tuning.CommittedKey, tuning.Tile] = {
+    # one autotune run on an H200 (torch 2.11, triton 3.6), batch 16 of 256x256
+    ("sm_90", "fwd", 65536, "float32"): {"num_stages": 1},
+    ("sm_90", "fwd", 65536, "bfloat16"): {"num_stages": 1},
+    ("sm_90", "bwd", 65536, "float32"): {"BLOCK_SIZE": 512, "num_warps": 4, "num_stages": 3},
+    ("sm_90", "bwd", 65536, "bfloat16"): {"BLOCK_SIZE": 1024, "num_warps": 4, "num_stages": 3},
+}
 # Forward programs to aim for per SM: enough loads in flight to cover HBM latency.
 PROGRAMS_PER_SM: int = 4
 MAX_GRID_1: int = 65535
