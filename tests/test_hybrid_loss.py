@@ -24,7 +24,6 @@ from r2unet_fast.ops.library import hybrid_loss as lib
 FAST = {"triton": lib.hybrid_loss_triton, "cpu": lib.hybrid_loss_cpu}
 BACKENDS = cases("hybrid_loss")
 CPU_ONLY = cases("hybrid_loss", ("cpu",))
-TRITON_ONLY = cases("hybrid_loss", ("triton",))
 # relative to the largest expected magnitude, per dtype of the compared tensors
 TOL = {torch.float64: 1e-10, torch.float32: 2e-6}
 OPTIONS = [
@@ -312,30 +311,6 @@ def test_cpp_checks_its_inputs(backend):
         _C.hybrid_loss_bwd(x, t, coef, loss, torch.empty(2, 1, 4, 4, dtype=torch.float64), None)
     with pytest.raises(RuntimeError, match="grad_loss must be"):
         _C.hybrid_loss_bwd(x, t, coef, torch.empty((), dtype=torch.float64), torch.empty_like(x), None)
-
-
-@pytest.mark.parametrize("backend", TRITON_ONLY)
-def test_triton_committed_tile_bypasses_autotuning(backend, monkeypatch):
-    from r2unet_fast.ops.triton import hybrid_loss as tl_hybrid_loss
-
-    from r2unet_fast.ops.triton import tuning
-
-    logits, target = _inputs((2, 1, 37, 29), torch.float32, device=backend.device)
-    arch, bucket = tuning.arch(logits.device), tuning.bucket(37 * 29)
-    monkeypatch.setitem(tl_hybrid_loss.TUNED_TILES, (arch, "fwd", bucket, "float32"), {"num_stages": 1})
-    monkeypatch.setitem(tl_hybrid_loss.TUNED_TILES, (arch, "bwd", bucket, "float32"),
-                        {"BLOCK_SIZE": 128, "num_warps": 2})
-
-    def no_autotuner(arch):
-        raise AssertionError("the autotuner ran although a tile was committed")
-
-    monkeypatch.setattr(tl_hybrid_loss, "_fwd_tuners", no_autotuner)
-    monkeypatch.setattr(tl_hybrid_loss, "_bwd_tuners", no_autotuner)
-    _assert_matches_reference(backend, logits, target, pos_weight=1.5)
-    # the forward's reduction tile is fixed per architecture: a committed tile may not change it
-    monkeypatch.setitem(tl_hybrid_loss.TUNED_TILES, (arch, "fwd", bucket, "float32"), {"BLOCK_SIZE": 256})
-    with pytest.raises(ValueError, match="reduction order"):
-        FAST["triton"](logits, target)
 
 
 def test_auto_picks_the_cpu_kernel_for_cpu_tensors(monkeypatch):

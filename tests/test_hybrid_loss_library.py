@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from backend_cases import TRITON_DEVICE, Case, cases
+from backend_cases import Case, cases
 from loss_oracle import hand_hybrid_loss
 
 from r2unet_fast import HybridLoss, R2AttUNet
@@ -311,6 +311,32 @@ def test_tile_tables_fall_back_and_buckets_are_powers_of_two(backend):
     assert tuning.per_arch(kernels.REDUCTION_TILES, "sm_999") == kernels.REDUCTION_TILES["default"]
     configs = kernels.tuned_configs()
     assert set(configs) == {"fwd", "bwd"} and all(isinstance(v, list) for v in configs.values())
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_triton_committed_tile_bypasses_autotuning(backend, monkeypatch):
+    from r2unet_fast.ops.triton import hybrid_loss as tl_hybrid_loss
+    from r2unet_fast.ops.triton import tuning
+
+    logits = (torch.randn(2, 1, 37, 29) * 3).to(backend.device)
+    target = torch.rand(2, 1, 37, 29).to(backend.device)
+    arch, bucket = tuning.arch(logits.device), tuning.bucket(37 * 29)
+    monkeypatch.setitem(tl_hybrid_loss.TUNED_TILES, (arch, "fwd", bucket, "float32"), {"num_stages": 1})
+    monkeypatch.setitem(tl_hybrid_loss.TUNED_TILES, (arch, "bwd", bucket, "float32"),
+                        {"BLOCK_SIZE": 128, "num_warps": 2})
+
+    def no_autotuner(arch):
+        raise AssertionError("the autotuner ran although a tile was committed")
+
+    monkeypatch.setattr(tl_hybrid_loss, "_fwd_tuners", no_autotuner)
+    monkeypatch.setattr(tl_hybrid_loss, "_bwd_tuners", no_autotuner)
+    got = _run(FAST["triton"], logits, target, pos_weight=1.5)
+    for a, b in zip(got, _run(reference.hybrid_loss, logits, target, pos_weight=1.5)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    # the forward's reduction tile is fixed per architecture: a committed tile may not change it
+    monkeypatch.setitem(tl_hybrid_loss.TUNED_TILES, (arch, "fwd", bucket, "float32"), {"BLOCK_SIZE": 256})
+    with pytest.raises(ValueError, match="reduction order"):
+        FAST["triton"](logits, target)
 
 
 @pytest.mark.cuda
