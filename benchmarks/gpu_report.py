@@ -122,7 +122,8 @@ def copy_bandwidth_gbps(ctx: Context) -> float:
 
 
 def section_hybrid_loss(ctx: Context) -> dict:
-    from r2unet_fast.ops import autograd, reference
+    from r2unet_fast.ops import reference
+    from r2unet_fast.ops.library import hybrid_loss as lib
     from r2unet_fast.ops.triton import hybrid_loss as kernels
 
     dev = ctx.device
@@ -140,7 +141,7 @@ def section_hybrid_loss(ctx: Context) -> dict:
             exact = _loss_and_grads(reference.hybrid_loss, logits, target, **opt)
             for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
                 lo = (logits.to(dtype), target.to(dtype))
-                fast = _loss_and_grads(autograd.hybrid_loss_triton, *lo, **opt)
+                fast = _loss_and_grads(lib.hybrid_loss_triton, *lo, **opt)
                 ref = _loss_and_grads(reference.hybrid_loss, *lo, **opt)
                 for name, f, r, e in zip(("loss", "grad_logits", "grad_target"), fast, ref, exact):
                     scale = e.abs().max().item() or 1.0
@@ -159,7 +160,7 @@ def section_hybrid_loss(ctx: Context) -> dict:
     shape = (2, 1, 64, 64) if ctx.smoke else (16, 1, 256, 256)
     compiled, compile_note = (None, "skipped in --cpu-smoke") if ctx.smoke else _compile_or_reason(
         reference.hybrid_loss)
-    impls = {"eager": reference.hybrid_loss, "fast": autograd.hybrid_loss_triton, "compile": compiled}
+    impls = {"eager": reference.hybrid_loss, "fast": lib.hybrid_loss_triton, "compile": compiled}
     timings = []
     for dtype in (torch.float32, torch.bfloat16):
         logits = (torch.randn(shape, device=dev) * 3).to(dtype).requires_grad_()
@@ -250,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sections:
         for kernel, winners in s.get("autotune_winners", {}).items():
             for w in winners:
-                print(f"autotune winner {s['name']}: TUNED_TILES[({kernel!r}, {w['numel_per_image']}, "
-                      f"{w['dtype']!r})] = {w['tile']}")
+                print(f"autotune winner {s['name']}: TUNED_TILES[{w['key']!r}] = {w['tile']}")
     report = {
         "kind": "gpu_report",
         "gpu": "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(ctx.device),

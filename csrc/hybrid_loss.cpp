@@ -1,17 +1,24 @@
 // Fused hybrid loss on CPU: one pass over logits+target for the per-image
-// sums, one pass (read logits+target, write the gradient) for the backward.
+// sums, a small epilogue (csrc/hybrid_loss_epilogue.cpp) from the sums to the
+// loss and the per-image gradient coefficients, one pass (read logits+target,
+// write the gradient) for the backward.
 //
 // Same contract as r2unet_fast/ops/triton/hybrid_loss.py: five sums per image
 //   I = sum p*t, P = sum p, T = sum t,
 //   B0 = sum (1-t)*softplus(x), B1 = sum t*softplus(-x)
-// and, from g = dLoss/dsums (N, 5), with q = 1 - p,
+// and, from c = dLoss/dsums (N, 5) at grad_output 1 and the grad_output go,
+// with g = go*c and q = 1 - p,
 //   dL/dx = p*q*(gI*t + gP) + gB0*(1-t)*p - gB1*t*q
-//   dL/dt = gI*p + gT + (gB1 - gB0)*softplus(-x) - gB0*x
-// pos_weight and the Dice/BCE weights stay in Python (autograd derives g).
+//   dL/dt = gI*p + gT + gB1*softplus(-x) - gB0*softplus(x)
+// softplus(x) is computed as x + softplus(-x) so that x = -inf gives NaN, as
+// the reference's (1-t)*x + (...)*softplus(-x) does: non-finite logits give
+// the reference's NaNs and infinities, never a finite stand-in.
 //
 // Parallel over (image, chunk) work items; partial sums land in a buffer
 // indexed by work item and are reduced in a fixed order, so results do not
 // depend on the thread count.
+
+#include "hybrid_loss.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -37,7 +44,6 @@
 namespace r2unet_fast {
 namespace {
 
-constexpr int kNumSums = 5;
 // A work item: big enough to amortise scheduling, small enough that 16
 // images of 256x256 give every core many items.
 constexpr int64_t kChunk = 8192;
@@ -72,9 +78,12 @@ struct Math<float> {
   static inline float exp_neg_abs(float x) {
     // |x| clamped to 87 by comparing bit patterns (non-negative floats order
     // like their bits): 2^n stays a normal float, and exp(-87) ~ 1.6e-38 is
-    // zero for every use here (p, 1 - p and log1p(e) of such e).
+    // zero for every use here (p, 1 - p and log1p(e) of such e). NaN's bits
+    // lie above +inf's, so the clamp would make it 87: it is put back below.
     constexpr int32_t kBits87 = 0x42ae0000;
+    constexpr int32_t kBitsInf = 0x7f800000;
     const int32_t a = bits(x) & 0x7fffffff;
+    const int32_t is_nan = (kBitsInf - a) >> 31;  // all ones for NaN, else 0
     const float y = -from_bits(a < kBits87 ? a : kBits87);
     // round to nearest: y*log2(e) <= 0 and the conversion truncates toward zero
     const int32_t n = static_cast<int32_t>(y * 1.44269504088896341f - 0.5f);
@@ -88,7 +97,8 @@ struct Math<float> {
     poly = poly * r + 1.6666665459e-1f;
     poly = poly * r + 5.0000001201e-1f;
     poly = poly * r * r + r + 1.0f;
-    return poly * from_bits((n + 127) << 23);
+    const float e = poly * from_bits((n + 127) << 23);
+    return from_bits((bits(e) & ~is_nan) | (a & is_nan));
   }
   static inline float log1p_unit(float e) {
     // log1p(e) = 2 atanh(s), s = e / (2 + e) <= 1/3: the series in s^2 <= 1/9
@@ -113,11 +123,24 @@ struct Math<double> {
   static inline double log1p_unit(double e) { return std::log1p(e); }
 };
 
-// max(x, 0) without a compare (exact: x + |x| is 2x or 0)
+// max(x, 0) by the sign bit, without a compare; unlike (|x| + x) / 2 it is
+// inf, not NaN, at x = inf (a NaN x may give 0: callers add log1p(e), NaN then)
 template <typename T>
 inline T relu(T x) {
-  return T(0.5) * (std::abs(x) + x);
+  return Math<T>::if_neg(x, T(0), x);
 }
+
+// softplus(-x) = -log(sigmoid(x)) and softplus(x) = x + softplus(-x) from
+// l = log1p(exp(-|x|)). For finite x, x + relu(-x) is exactly relu(x); at
+// x = -inf it is NaN, as is the reference's (1-t)*x + (...)*softplus(-x).
+template <typename T>
+struct Softplus {
+  T neg, pos;
+  static inline Softplus of(T x, T l) {
+    const T neg = relu(-x) + l;
+    return {neg, (x + relu(-x)) + l};
+  }
+};
 
 // sigmoid(x) and 1 - sigmoid(x) from e = exp(-|x|), each without cancellation
 template <typename T>
@@ -145,12 +168,12 @@ R2UNET_VECTOR_CLONES void fwd_item(const scalar_t* x, const target_t* t, int64_t
       const acc_t tv = static_cast<acc_t>(tb[j]);
       const acc_t e = M::exp_neg_abs(xv);
       const acc_t p = Sigmoid<acc_t>::of(xv, e).p;
-      const acc_t l = M::log1p_unit(e);
+      const Softplus<acc_t> sp = Softplus<acc_t>::of(xv, M::log1p_unit(e));
       s_pt += p * tv;
       s_p += p;
       s_t += tv;
-      s_b0 += (acc_t(1) - tv) * (relu(xv) + l);
-      s_b1 += tv * (relu(-xv) + l);
+      s_b0 += (acc_t(1) - tv) * sp.pos;
+      s_b1 += tv * sp.neg;
     }
     total[0] += s_pt;
     total[1] += s_p;
@@ -161,6 +184,7 @@ R2UNET_VECTOR_CLONES void fwd_item(const scalar_t* x, const target_t* t, int64_t
   std::copy(total, total + kNumSums, out);
 }
 
+// g: this image's gradient of the loss with respect to its five sums, grad_output applied
 template <typename scalar_t, typename target_t, bool kGradTarget>
 R2UNET_VECTOR_CLONES void bwd_item(const scalar_t* x, const target_t* t, int64_t len,
                                    const at::opmath_type<scalar_t>* g, scalar_t* gx, target_t* gt) {
@@ -175,8 +199,8 @@ R2UNET_VECTOR_CLONES void bwd_item(const scalar_t* x, const target_t* t, int64_t
     const auto [p, q] = Sigmoid<acc_t>::of(xv, e);
     gx[j] = static_cast<scalar_t>(p * q * (g_i * tv + g_p) + g_b0 * (acc_t(1) - tv) * p - g_b1 * tv * q);
     if constexpr (kGradTarget) {
-      const acc_t softplus_neg = relu(-xv) + M::log1p_unit(e);
-      gt[j] = static_cast<target_t>(g_i * p + g_t + (g_b1 - g_b0) * softplus_neg - g_b0 * xv);
+      const Softplus<acc_t> sp = Softplus<acc_t>::of(xv, M::log1p_unit(e));
+      gt[j] = static_cast<target_t>(g_i * p + g_t + g_b1 * sp.neg - g_b0 * sp.pos);
     }
   }
 }
@@ -250,12 +274,14 @@ void dispatch_dtypes(const at::Tensor& logits, const at::Tensor& target, const F
 
 }  // namespace
 
-void hybrid_loss_fwd(const at::Tensor& logits, const at::Tensor& target, at::Tensor out) {
+void hybrid_loss_fwd(const at::Tensor& logits, const at::Tensor& target, at::Tensor loss, at::Tensor coef,
+                     const LossOptions& options) {
   check_inputs(logits, target);
   const int64_t n = logits.size(0);
   const int64_t per_image = logits.numel() / n;
   const at::ScalarType acc = acc_type(logits.scalar_type());
-  check_buffer("out", out, {n, kNumSums}, acc);
+  check_buffer("loss", loss, {}, acc);
+  check_buffer("coef", coef, {n, kNumSums}, acc);
   const int64_t chunks = (per_image + kChunk - 1) / kChunk;
   std::vector<double> partial(static_cast<size_t>(n * chunks * kNumSums));
   dispatch_dtypes(logits, target, [&](auto x_tag, auto t_tag) {
@@ -268,26 +294,20 @@ void hybrid_loss_fwd(const at::Tensor& logits, const at::Tensor& target, at::Ten
       fwd_item<scalar_t, target_t>(x + offset, t + offset, len, partial.data() + item * kNumSums);
     });
   });
-  AT_DISPATCH_FLOATING_TYPES(acc, "hybrid_loss_fwd_out", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t image = 0; image < n; ++image) {
-      for (int k = 0; k < kNumSums; ++k) {
-        double s = 0.0;
-        for (int64_t c = 0; c < chunks; ++c) {
-          s += partial[(image * chunks + c) * kNumSums + k];
-        }
-        o[image * kNumSums + k] = static_cast<scalar_t>(s);
-      }
-    }
+  AT_DISPATCH_FLOATING_TYPES(acc, "hybrid_loss_epilogue", [&] {
+    hybrid_loss_epilogue_from_partials<scalar_t>(partial.data(), n, chunks, logits.numel(), options,
+                                                 loss.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>());
   });
 }
 
-void hybrid_loss_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_sums,
-                     at::Tensor grad_logits, const std::optional<at::Tensor>& grad_target) {
+void hybrid_loss_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& coef,
+                     const at::Tensor& grad_loss, at::Tensor grad_logits, const std::optional<at::Tensor>& grad_target) {
   check_inputs(logits, target);
   const int64_t n = logits.size(0);
   const int64_t per_image = logits.numel() / n;
-  check_buffer("grad_sums", grad_sums, {n, kNumSums}, acc_type(logits.scalar_type()));
+  const at::ScalarType acc = acc_type(logits.scalar_type());
+  check_buffer("coef", coef, {n, kNumSums}, acc);
+  check_buffer("grad_loss", grad_loss, {}, acc);
   TORCH_CHECK(grad_logits.scalar_type() == logits.scalar_type(), "grad_logits must have dtype ",
               logits.scalar_type());
   check_same_layout("grad_logits", grad_logits, logits);
@@ -300,19 +320,24 @@ void hybrid_loss_bwd(const at::Tensor& logits, const at::Tensor& target, const a
     using scalar_t = decltype(x_tag);
     using target_t = decltype(t_tag);
     using acc_t = at::opmath_type<scalar_t>;
+    // the gradient with respect to the sums: coefficients at grad_output 1, times grad_output
+    const acc_t go = *grad_loss.const_data_ptr<acc_t>();
+    const acc_t* c = coef.const_data_ptr<acc_t>();
+    std::vector<acc_t> g(static_cast<size_t>(n * kNumSums));
+    for (int64_t k = 0; k < n * kNumSums; ++k) {
+      g[k] = go * c[k];
+    }
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     const target_t* t = target.const_data_ptr<target_t>();
-    const acc_t* g = grad_sums.const_data_ptr<acc_t>();
     scalar_t* gx = grad_logits.data_ptr<scalar_t>();
     target_t* gt = grad_target.has_value() ? grad_target->data_ptr<target_t>() : nullptr;
     for_each_chunk(n, per_image, [&](int64_t, int64_t image, int64_t start, int64_t len) {
       const int64_t offset = image * per_image + start;
+      const acc_t* gi = g.data() + image * kNumSums;
       if (gt != nullptr) {
-        bwd_item<scalar_t, target_t, true>(x + offset, t + offset, len, g + image * kNumSums, gx + offset,
-                                           gt + offset);
+        bwd_item<scalar_t, target_t, true>(x + offset, t + offset, len, gi, gx + offset, gt + offset);
       } else {
-        bwd_item<scalar_t, target_t, false>(x + offset, t + offset, len, g + image * kNumSums, gx + offset,
-                                            nullptr);
+        bwd_item<scalar_t, target_t, false>(x + offset, t + offset, len, gi, gx + offset, nullptr);
       }
     });
   });

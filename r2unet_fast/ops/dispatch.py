@@ -4,26 +4,35 @@
 extension for CPU tensors, the pure-PyTorch reference where neither has a
 kernel for the op. An explicitly requested backend that cannot run raises a
 ValueError carrying the reason, never a silent fallback.
+
+:func:`kernel` runs inside ``torch.compile``d code, so it is traceable: the
+one step dynamo cannot follow (importing triton or the C++ extension to see
+whether they work) sits in :func:`_reason`, which dynamo calls while tracing
+and keeps as a constant.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Callable
 
 import torch
 
+from . import reference
+from .library import hybrid_loss as _hybrid_loss_ops
+from .library import interpreting
+
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cpu")
 BACKEND_CHOICES: tuple[str, ...] = ("auto",) + BACKENDS
+_AUTO: dict[str, str] = {"cuda": "triton", "cpu": "cpu"}
 
-# op -> backend -> "module:function". Kernels are imported lazily so importing
-# the package never imports triton or touches CUDA.
-_KERNELS: dict[str, dict[str, str]] = {
-    "hybrid_loss": {"reference": "r2unet_fast.ops.reference:hybrid_loss",
-                    "triton": "r2unet_fast.ops.autograd:hybrid_loss_triton",
-                    "cpu": "r2unet_fast.ops.autograd:hybrid_loss_cpu"},
-    "attention_gate": {"reference": "r2unet_fast.ops.reference:attention_gate"},
+# op -> backend -> implementation with the reference's signature. None of them imports
+# triton or the extension before it runs, so importing the package never does.
+_KERNELS: dict[str, dict[str, Callable]] = {
+    "hybrid_loss": {"reference": reference.hybrid_loss,
+                    "triton": _hybrid_loss_ops.hybrid_loss_triton,
+                    "cpu": _hybrid_loss_ops.hybrid_loss_cpu},
+    "attention_gate": {"reference": reference.attention_gate},
 }
 
 
@@ -43,21 +52,17 @@ def _triton_import_reason() -> str | None:
     return None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _triton_reason(device: torch.device | None) -> str | None:
     reason = _triton_import_reason()
     if reason is not None:
         return reason
     if device is None:
-        if torch.cuda.is_available() or _interpreting():
+        if torch.cuda.is_available() or interpreting():
             return None
         return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run its kernels on CPU tensors)"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and _interpreting():
+    if device.type == "cpu" and interpreting():
         return None
     return f"Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
 
@@ -79,12 +84,19 @@ def _cpu_reason(device: torch.device | None) -> str | None:
     return reason
 
 
-def _reason(backend: str, op: str | None, device: torch.device | None) -> str | None:
+def _backend_reason(backend: str, op: str | None, device: torch.device | None) -> str | None:
     # A backend that cannot run at all says so before saying it lacks this op.
     reason = {"triton": _triton_reason, "cpu": _cpu_reason}.get(backend, lambda _: None)(device)
     if reason is None and op is not None and backend not in _KERNELS[op]:
         reason = f"{op} has no {backend} kernel"
     return reason
+
+
+@torch.compiler.assume_constant_result
+def _reason(backend: str, op: str | None, device_type: str | None) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device_type`` tensors, or None. Strings in and
+    out, so that dynamo can call it while tracing and keep the answer as a constant."""
+    return _backend_reason(backend, op, None if device_type is None else torch.device(device_type))
 
 
 def available_backends(op: str | None = None, device: torch.device | str | None = None) -> dict[str, str | None]:
@@ -97,7 +109,7 @@ def available_backends(op: str | None = None, device: torch.device | str | None 
     """
     if op is not None and op not in _KERNELS:
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(sorted(_KERNELS))}")
-    dev = torch.device(device) if device is not None else None
+    dev = torch.device(device).type if device is not None else None
     return {b: _reason(b, op, dev) for b in BACKENDS}
 
 
@@ -120,11 +132,11 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend that runs ``op`` on tensors of ``device``."""
     check_backend_name(backend)
     if backend == "auto":
-        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
-        if preferred is not None and _reason(preferred, op, device) is None:
+        preferred = _AUTO.get(device.type)
+        if preferred is not None and _reason(preferred, op, device.type) is None:
             return preferred
         return "reference"
-    reason = _reason(backend, op, device)
+    reason = _reason(backend, op, device.type)
     if reason is not None:
         raise ValueError(f"backend {backend!r} is unavailable for {op}: {reason}")
     return backend
@@ -132,5 +144,4 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 
 def kernel(op: str, backend: str, device: torch.device) -> Callable:
     """The implementation of ``op`` chosen for ``backend`` and ``device``."""
-    module, _, name = _KERNELS[op][resolve(op, backend, device)].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return _KERNELS[op][resolve(op, backend, device)]
