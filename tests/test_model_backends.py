@@ -45,8 +45,21 @@ def test_same_logits_loss_and_gradients(backend: Case, train):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10)
 
 
+@pytest.fixture
+def exact_cuda_convolutions():
+    """On CUDA, deterministic fp32 convolutions (no TF32, no atomics in cuDNN's backward), so two
+    runs differ only by what the loss backend changes; restored afterwards."""
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = flags
+
+
 @pytest.mark.parametrize("backend", cases())
-def test_short_training_runs_follow_the_same_loss_curve(backend: Case):
+def test_short_training_runs_follow_the_same_loss_curve(backend: Case, exact_cuda_convolutions):
     curves = []
     for name in ("reference", backend.name):
         torch.manual_seed(1)
