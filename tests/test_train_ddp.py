@@ -36,3 +36,15 @@ def test_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
     assert single["images"] == 13
     for name in METRICS:
         assert single["metrics"][name] == pytest.approx(metrics["val"][name], abs=1e-3), name
+
+
+def test_one_process_under_torchrun_takes_the_ddp_path(tmp_path: Path) -> None:
+    out = tmp_path / "ddp1"
+    command = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "r2unet_fast.train", *TINY, "--device", "cpu",
+               "--out", str(out)]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cpu x1 (DDP, gloo)" in done.stdout
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert not any(key.startswith("module.") for key in state["model"])

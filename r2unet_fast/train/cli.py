@@ -184,8 +184,9 @@ def _train(argv: Sequence[str] | None) -> int:
         parts = ", ".join(f"{part} {len(data)}" for part, data in trainer.datasets.items())
         params = sum(p.numel() for p in trainer.model.parameters())
         model = f"{config.block} U-Net{' + attention' if config.attention else ''}, {params / 1e6:.2f}M params"
+        ddp = f" (DDP, {dist.backend})" if dist.enabled else ""
         say(f"run folder {out} | {config.dataset} ({parts} images at {config.image_size}px) | {model} | "
-            f"{dist.device} x{dist.world_size} | amp {config.amp}"
+            f"{dist.device} x{dist.world_size}{ddp} | amp {config.amp}"
             + (f" | resuming after epoch {trainer.epoch}" if state is not None else ""))
         try:
             results = trainer.fit()

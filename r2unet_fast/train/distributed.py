@@ -14,18 +14,21 @@ from .runtime import resolve_device
 
 @dataclass
 class DistContext:
-    """Where this process sits: rank, world size and its device. A single process is rank 0 of 1."""
+    """Where this process sits: rank, world size, its device and the process group's backend
+    (None without one). A plain process is rank 0 of 1 with no group."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    backend: str | None = None
 
     @property
     def enabled(self) -> bool:
-        """True when a process group is live (launched by torchrun with more than one process)."""
-        return self.world_size > 1
+        """True when a process group is live (launched by torchrun, even with one process: then DDP and
+        the collectives run over a group of one, which is how one GPU proves the DDP path)."""
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -71,8 +74,9 @@ class DistContext:
 
 
 def launched_by_torchrun() -> bool:
-    """True when the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR) names more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    """True when the environment holds what env:// rendezvous needs (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT), as torchrun sets it, for any number of processes."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def setup_distributed(device_name: str) -> DistContext:
@@ -86,7 +90,8 @@ def setup_distributed(device_name: str) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=device)
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device=device,
+                       backend=str(dist.get_backend()))
 
 
 class ShardSampler(Sampler[int]):
