@@ -36,8 +36,10 @@ def test_run_folder_has_every_output(tiny_run: Path) -> None:
         assert all(0.0 <= v <= 1.0 for v in metrics[part].values())
     rows = read_csv(tiny_run / "log.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    for column in ("train_loss", "val_jaccard", "lr", "seconds", "images_per_s", "peak_memory_mb"):
+    for column in ("train_loss", "val_jaccard", "lr", "seconds", "images_per_s", "peak_memory_mb", "data_wait_share"):
         assert float(rows[-1][column]) >= 0, column
+    assert list(rows[0])[-1] == "data_wait_share", "new columns go last, so positional readers keep working"
+    assert float(rows[-1]["data_wait_share"]) <= 1
     assert read_json(tiny_run / "config.json")["image_size"] == 32
     assert read_image(tiny_run / "predictions.png").size[0] > 100
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -10,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_support import TINY, rgb, run
+from train_support import TINY, read_csv, rgb, run
 
 from r2unet_fast.files import atomic_write
 from r2unet_fast.train.checkpoint import capture_rng, restore_rng
 from r2unet_fast.train.cli import main
 from r2unet_fast.train.config import TrainConfig
-from r2unet_fast.train.distributed import DistContext, ShardSampler
+from r2unet_fast.train.distributed import DistContext, ShardSampler, launched_by_torchrun
 from r2unet_fast.train.loaders import build_splits, positive_weight
 from r2unet_fast.train.optim import warmup_cosine
+from r2unet_fast.train.trainer import Trainer
 
 
 def _quarter_lesion_folder(root: Path, n: int = 10, size: int = 32) -> Path:
@@ -107,5 +109,60 @@ def test_tensorboard_used_when_importable(tmp_path: Path, monkeypatch: pytest.Mo
     code, _, err = run(main, [*TINY, "--epochs", "2", "--out", str(tmp_path / "run")], capsys)
     assert code == 0, err
     tags = {tag for tag, _, _ in scalars}
-    assert {"train/loss", "val/loss", "val/jaccard", "run/lr", "run/peak_memory_mb"} <= tags
+    assert {"train/loss", "val/loss", "val/jaccard", "run/lr", "run/peak_memory_mb", "run/data_wait_share"} <= tags
     assert {step for _, _, step in scalars} == {1, 2}
+
+
+def test_data_wait_share_sees_a_slow_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    class Slow(torch.utils.data.Dataset):
+        def __init__(self, inner: torch.utils.data.Dataset) -> None:
+            self.inner = inner
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def __getitem__(self, index: int) -> dict:
+            time.sleep(0.05)
+            return self.inner[index]
+
+    original = Trainer.build_datasets
+
+    def slow_train_set(self: Trainer) -> dict:
+        datasets = original(self)
+        return {**datasets, "train": Slow(datasets["train"])}
+
+    monkeypatch.setattr(Trainer, "build_datasets", slow_train_set)
+    out = tmp_path / "run"
+    code, stdout, err = run(main, [*TINY, "--out", str(out)], capsys)
+    assert code == 0, err
+    share = float(read_csv(out / "log.csv")[0]["data_wait_share"])
+    assert 0.5 < share <= 1.0, share  # 12 images x 50 ms of loading against a tiny model's steps
+    assert "data wait" in stdout
+
+
+def test_train_step_phases_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[str] = []
+    original = Trainer.phase
+
+    def phase(self: Trainer, name: str):
+        seen.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(Trainer, "phase", phase)
+    code, _, err = run(main, [*TINY, "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert seen == ["to_device", "forward", "loss", "backward", "optimizer"] * 3  # 12 images, batch 4
+
+
+def test_launched_by_torchrun_needs_the_rendezvous_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not launched_by_torchrun()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert launched_by_torchrun(), "one process under torchrun still takes the DDP path"
+    assert not DistContext().enabled and DistContext(backend="gloo").enabled

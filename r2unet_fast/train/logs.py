@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from ..files import atomic_write_text
 
-# Leading columns of log.csv, in order; metric columns follow as val_<metric>.
+# Leading columns of log.csv, in order; metric columns follow as val_<metric>, then the tail. New columns
+# go at the end, so readers that index by position keep working; rows of older runs leave them empty.
 BASE_COLUMNS: tuple[str, ...] = ("epoch", "train_loss", "val_loss")
-TAIL_COLUMNS: tuple[str, ...] = ("lr", "seconds", "images_per_s", "peak_memory_mb")
+TAIL_COLUMNS: tuple[str, ...] = ("lr", "seconds", "images_per_s", "peak_memory_mb", "data_wait_share")
 
 
 def _tensorboard_writer(folder: Path) -> Any | None:
@@ -66,7 +67,8 @@ class RunLog:
             self._writer.flush()
         self.say(f"epoch {int(row['epoch'])}/{epochs}  loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}"
                  f"  val jaccard {row['val_jaccard']:.4f}  dice {row['val_dice']:.4f}  lr {row['lr']:.2e}"
-                 f"  {row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s")
+                 f"  {row['seconds']:.1f}s  {row['images_per_s']:.1f} img/s"
+                 + (f"  data wait {row['data_wait_share']:.0%}" if "data_wait_share" in row else ""))
 
     def write_csv(self, history: list[dict[str, float]]) -> None:
         """Rewrite log.csv from ``history`` atomically."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .distributed import DistContext
 from .inference import build_model, to_device, to_input
 from .loaders import build_splits, eval_loader, make_loader, positive_weight, train_sampler
-from .logs import RunLog, progress
+from .logs import TAIL_COLUMNS, RunLog, progress
 from .plots import plot_curves, plot_predictions
 from .runtime import autocast, check_amp, default_workers, deterministic_algorithms, peak_memory_mb, \
     reset_peak_memory, seed_everything
@@ -111,31 +111,43 @@ class Trainer:
         """Loss of logits (N, 1, S, S) against masks (N, 1, S, S), in float32 even under autocast."""
         return self.loss_fn(logits.float(), masks)
 
+    def phase(self, name: str) -> ContextManager:
+        """Context around each part of a training step, in order "to_device", "forward", "loss",
+        "backward", "optimizer" (clipping, the finite check and the step). It labels the part for
+        torch.profiler (``step.<name>``; next to nothing when no profiler runs); override it to time them."""
+        return torch.profiler.record_function(f"step.{name}")
+
     def train_step(self, batch: dict[str, Any], epoch: int, step: int) -> float:
         """One optimisation step on ``batch``; returns its loss. Raises TrainingDiverged before
         touching the weights when the loss or gradient norm is not finite (on any rank)."""
-        images = to_input(batch["image"], self.device)
-        masks = batch["mask"].to(self.device, non_blocking=True)
-        with autocast(self.device, self.config.amp):
+        with self.phase("to_device"):
+            images = to_input(batch["image"], self.device)
+            masks = batch["mask"].to(self.device, non_blocking=True)
+        with self.phase("forward"), autocast(self.device, self.config.amp):
             logits = self.net(images)
-        loss = self.compute_loss(logits, masks)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
-        # With fp16 loss scaling, inf gradients are routine: the scaler skips the step and lowers the scale.
-        bad = not math.isfinite(value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value))
-        if self.dist.any(bad):
-            raise TrainingDiverged(self.divergence_message(value if bad else float("nan"), epoch, step))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        with self.phase("loss"):
+            loss = self.compute_loss(logits, masks)
+        with self.phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with self.phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            clip = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
+            # With fp16 loss scaling, inf gradients are routine: the scaler skips the step and lowers the scale.
+            bad = not math.isfinite(value) or (not self.scaler.is_enabled() and not math.isfinite(norm_value))
+            if self.dist.any(bad):
+                raise TrainingDiverged(self.divergence_message(value if bad else float("nan"), epoch, step))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
         return value
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; returns train_loss, lr, seconds, images_per_s, peak_memory_mb."""
+        """One pass over the training set; returns train_loss, lr, seconds, images_per_s, peak_memory_mb
+        and data_wait_share: the part of ``seconds`` spent blocked on the DataLoader for the next batch
+        (worker start-up included; averaged over ranks), i.e. what faster input could win at most."""
         self.net.train()
         self.train_loader.sampler.set_epoch(epoch)
         if hasattr(self.datasets["train"], "set_epoch"):  # a custom build_datasets may return plain Datasets
@@ -145,7 +157,14 @@ class Trainer:
         start, loss_sum, images, lr = time.perf_counter(), 0.0, 0, self.optimizer.param_groups[0]["lr"]
         bar = progress(self.train_loader, len(self.train_loader), f"epoch {epoch + 1}/{self.config.epochs}",
                        self.dist.is_main)
-        for step, batch in enumerate(bar):
+        batches, waited, step = iter(bar), 0.0, -1
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
+            step += 1
             lr = self.optimizer.param_groups[0]["lr"]
             loss = self.train_step(batch, epoch, step)
             count = batch["image"].shape[0]
@@ -153,9 +172,9 @@ class Trainer:
             rate = images * self.dist.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
         seconds = time.perf_counter() - start
-        loss_sum, images = self.dist.sum([loss_sum, images])
+        loss_sum, images, waited, busy = self.dist.sum([loss_sum, images, waited, seconds])
         return {"train_loss": loss_sum / images, "lr": lr, "seconds": seconds, "images_per_s": images / seconds,
-                "peak_memory_mb": peak_memory_mb(self.device)}
+                "peak_memory_mb": peak_memory_mb(self.device), "data_wait_share": min(1.0, waited / busy)}
 
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
@@ -179,7 +198,7 @@ class Trainer:
         """Record the epoch: history row, best/stale bookkeeping, checkpoints (best first, then last), log."""
         row = {"epoch": epoch + 1, "train_loss": train["train_loss"], "val_loss": val["loss"],
                **{f"val_{name}": val[name] for name in METRICS},
-               **{k: train[k] for k in ("lr", "seconds", "images_per_s", "peak_memory_mb")}}
+               **{k: train[k] for k in TAIL_COLUMNS if k in train}}  # an overridden train_epoch may omit some
         self.history.append(row)
         improved = val["jaccard"] > self.best["jaccard"]
         if improved:
