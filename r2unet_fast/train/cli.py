@@ -90,6 +90,9 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--seed", type=int, metavar="N")
     run.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (default: 0 on CPU, up to 8 per GPU)")
     run.add_argument("--preview", type=int, metavar="N", help="test cases drawn in predictions.png")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                     help="train through torch.compile of the model (default off: compiling takes minutes on a CPU; "
+                          "the first epoch includes it)")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS)
     data.add_argument("--data", metavar="PATH", help="dataset folder (not for synthetic)")
@@ -187,6 +190,7 @@ def _train(argv: Sequence[str] | None) -> int:
         ddp = f" (DDP, {dist.backend})" if dist.enabled else ""
         say(f"run folder {out} | {config.dataset} ({parts} images at {config.image_size}px) | {model} | "
             f"{dist.device} x{dist.world_size}{ddp} | amp {config.amp}"
+            + (" | torch.compile" if config.compile else "")
             + (f" | resuming after epoch {trainer.epoch}" if state is not None else ""))
         try:
             results = trainer.fit()

@@ -24,8 +24,10 @@ from ..ops.dispatch import BACKEND_CHOICES, ensure_available
 PRESETS: tuple[str, ...] = ("cpu-demo", "ph2-cpu", "r2attunet-64", "paper")
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam")
-# Fields that may change when a run is resumed; the rest define the run and must not.
-RESUMABLE: frozenset[str] = frozenset({"epochs", "patience", "workers", "device", "backend", "out", "preview"})
+# Fields that may change when a run is resumed; the rest define the run and must not. ``compile`` is here
+# because torch.compile changes how the same maths runs, not what the run computes.
+RESUMABLE: frozenset[str] = frozenset({"epochs", "patience", "workers", "device", "backend", "out", "preview",
+                                       "compile"})
 
 
 class UsageError(ValueError):
@@ -78,6 +80,7 @@ class TrainConfig:
     workers: int | None = None
     out: str | None = None
     preview: int = 4
+    compile: bool = False
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`r2unet_fast.nn.R2AttUNet` for this run."""

@@ -74,8 +74,23 @@ class Trainer:
         self.best: dict[str, Any] = {"epoch": 0, "jaccard": -1.0, "metrics": {}}
         if resume is not None:
             self.load_state(resume)
-        self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                           else None) if dist.enabled else self.model
+        self.net = self.wrap_model(self.model)
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the training steps call: ``model`` under DDP when a process group is live, then
+        ``torch.compile`` of that with ``config.compile``. Checkpoints, validation and previews use
+        the plain ``model`` (eager, and state_dict keys without ``module.``/``_orig_mod.``)."""
+        net = model
+        if self.dist.enabled:
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.config.compile:
+            self.log.say("torch.compile: the first training epoch includes compiling the model")
+            # dynamic=False: the fused-op dispatch breaks the graph at each attention gate, and the frames
+            # after those breaks see one shape per decoder level; letting dynamo make them dynamic
+            # (its default on the second shape) trips an inductor error on symbolic strides
+            # (torch 2.13 CPU). Static shapes compile once per level and batch size instead.
+            net = torch.compile(net, dynamic=False)
+        return net
 
     # ---- construction hooks -------------------------------------------------------------------
     def build_datasets(self) -> dict[str, Dataset]:
