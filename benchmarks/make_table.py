@@ -1,15 +1,18 @@
-"""Render the README performance table (markdown) from benchmarks/results/*.json.
+"""Render the README performance and training-throughput tables (markdown) from benchmarks/results/*.json.
 
     python benchmarks/make_table.py                      # every results file, to stdout
     python benchmarks/make_table.py FILE... --stat min   # chosen files, speedups from min instead of median
-    python benchmarks/make_table.py --readme README.md   # replace the block between the markers
+    python benchmarks/make_table.py --readme README.md   # replace the blocks between the markers
 
-Reads both formats: ``gpu_report.py`` JSON (``"kind": "gpu_report"``) and
+Reads three formats. ``gpu_report.py`` JSON (``"kind": "gpu_report"``) and
 pytest-benchmark JSON (``pytest benchmarks/ --benchmark-only
---benchmark-json FILE``, whose cases carry op/pass_/impl/dtype in extra_info).
-CPU tables show min and median per case (IQR in the JSON); a case whose forward-only
-time exceeds its forward+backward time is flagged under its table: one of the two was
-disturbed (another process, a bimodal distribution), so compare mins or re-record.
+--benchmark-json FILE``, whose cases carry op/pass_/impl/dtype in extra_info)
+make the performance table. CPU tables show min and median per case (IQR in the JSON);
+a case whose forward-only time exceeds its forward+backward time is flagged under its
+table: one of the two was disturbed (another process, a bimodal distribution), so
+compare mins or re-record.
+``gpu_train.py`` JSON (``"kind": "gpu_train"``, ``<gpu>-train-<date>.json``) makes the
+"Training throughput" table.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import os
 import sys
 
 BEGIN, END = "<!-- performance-table:begin -->", "<!-- performance-table:end -->"
+TRAIN_BEGIN, TRAIN_END = "<!-- training-table:begin -->", "<!-- training-table:end -->"
+# The comparison point quoted with every training table (a published figure, not measured here).
+PUBLISHED_TRAINING = ("popular PyTorch R2U-Net on a V100, batch 16, mixed precision (published)", 35.0)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 Key = tuple[str, str, str]  # op, pass, dtype
 
@@ -105,12 +111,65 @@ def _cpu_section(data: dict, name: str, stat: str) -> list[str]:
     return lines + _flags({k: {i: c["median"] for i, c in v.items()} for k, v in cases.items()}, "median")
 
 
+def _label(row: dict) -> str:
+    return " ".join(row["variant"].split("-")).replace(" tied", ", tied layout")
+
+
+def _train_section(data: dict, name: str) -> list[str]:
+    sizes = data["sizes"]
+    ok = {r["variant"]: r for r in data["rows"] if r["status"] == "ok"}
+    later = "epoch 2" if sizes["epochs"] == 2 else f"epochs 2-{sizes['epochs']}"
+    lines = [f"**{data['gpu']}** ({os.path.basename(name)}; torch {data['torch']}, triton {data['triton']}, "
+             f"CUDA {data['cuda']}, commit {data['git_commit'][:12]}, {data['date'][:10]}): `python -m "
+             f"r2unet_fast.train`, R2AttU-Net base {sizes['base_channels']}, depth {sizes['depth']}, t={sizes['t']}, "
+             f"batch {sizes['batch_size']}, {sizes['image_size']} px, synthetic lesions read through the decode "
+             f"cache; images/s and peak MiB (CUDA: peak allocated) are the median and max over {later} "
+             f"({sizes['steps']} steps each; epoch 1 warms up)", "",
+             "| variant | images/s | peak MiB | data-wait share | x reference eager |",
+             "|---|---:|---:|---:|---:|"]
+    for row in data["rows"]:
+        if row["status"] != "ok":
+            why = row.get("reason") or f"exit {row.get('returncode')}: {row.get('last_stderr') or ''}"
+            lines.append(f"| {_label(row)} | {row['status']} ({why.replace('|', '/')[:80]}) | - | - | - |")
+            continue
+        base = ok.get(row["variant"].replace("fast-", "reference-").replace("-compile-", "-eager-"))
+        wait = row.get("data_wait_share")
+        ratio = _ratio(row["images_per_s"], base and base["images_per_s"])
+        lines.append(f"| {_label(row)} | {row['images_per_s']:.1f} | {row['peak_memory_mb']:.0f} "
+                     f"| {'-' if wait is None else f'{wait:.1%}'} | {ratio} |")
+    label, rate = PUBLISHED_TRAINING
+    lines.append(f"| *{label}* | *{rate:.0f}* | - | - | - |")
+    ddp, profile = data.get("ddp") or {}, data.get("profile") or {}
+    if ddp:
+        verdict = f"passed (`{ddp['expected']}`)" if ddp.get("passed") else ddp.get("status")
+        lines += ["", f"DDP through `torchrun --nproc_per_node 1`: {verdict}"]
+    if profile.get("status") == "ok":
+        clock = "device_ms" if all(v["device_ms"] is not None for v in profile["phases"].values()) else "host_ms"
+        phases = ", ".join(f"{k} {v[clock]:.1f}" for k, v in profile["phases"].items())
+        lines += ["", f"Step phases of the fast model at bf16 (ms per step, {clock.split('_')[0]} time): {phases}; "
+                      f"{profile['step_ms']:.1f} ms per step in all"]
+    return lines
+
+
+def render_training(paths: list[str]) -> str:
+    """Markdown for every ``gpu_train.py`` results file (empty when there is none)."""
+    blocks = []
+    for path in sorted(paths):
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("kind") == "gpu_train":
+            blocks.append("\n".join(_train_section(data, path)))
+    return "\n\n".join(blocks)
+
+
 def render(paths: list[str], stat: str = "median") -> str:
-    """Markdown for every results file, GPU reports first."""
+    """Markdown for every op-level results file, GPU reports first (training results: render_training)."""
     blocks: list[tuple[int, list[str]]] = []
     for path in sorted(paths):
         with open(path) as f:
             data = json.load(f)
+        if data.get("kind") == "gpu_train":
+            continue
         if data.get("kind") == "gpu_report":
             blocks.append((0, _gpu_section(data, path)))
         elif "benchmarks" in data:
@@ -120,13 +179,13 @@ def render(paths: list[str], stat: str = "median") -> str:
     return "\n\n".join("\n".join(lines) for _, lines in sorted(blocks, key=lambda b: b[0]))
 
 
-def replace_block(text: str, table: str) -> str:
-    """``text`` with everything between the BEGIN and END markers replaced by ``table``."""
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"no {BEGIN} ... {END} block to replace")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+def replace_block(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with everything between the ``begin`` and ``end`` markers replaced by ``table``."""
+    if begin not in text or end not in text:
+        raise SystemExit(f"no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,14 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print(f"no results JSON in {RESULTS}", file=sys.stderr)
         return 1
-    table = render(paths, args.stat)
+    table, training = render(paths, args.stat), render_training(paths)
     if args.readme:
         with open(args.readme) as f:
             text = f.read()
+        text = replace_block(text, table)
+        if training and TRAIN_BEGIN in text:
+            text = replace_block(text, training, TRAIN_BEGIN, TRAIN_END)
+        elif training:
+            print(f"training results not written: {args.readme} has no {TRAIN_BEGIN} ... {TRAIN_END} block",
+                  file=sys.stderr)
         with open(args.readme, "w") as f:
-            f.write(replace_block(text, table))
+            f.write(text)
     else:
-        print(table)
+        print(table + (f"\n\n### Training throughput\n\n{training}" if training else ""))
     return 0
 
 
