@@ -391,11 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, Any] = {"variant": name, **asdict(variant), "amp": variant.precision}
         need = estimate_s(variant, report["rows"], prior)
         left = deadline - prior["ddp"] - prior["profile"] - time.monotonic()
+        report["rows"].append(row)
         if need > left:
             row.update(status="skipped", reason=f"budget: needs ~{need:.0f} s, {max(0.0, left):.0f} s left")
-        else:
+        else:  # saved as "running" first: a call killed now still shows which run it stopped
+            row.update(status="running", started_s=round(time.monotonic() - started, 1))
+            save()
             row.update(run_variant(variant, common, work, min(left, args.run_timeout_s), env))
-        report["rows"].append(row)
         print(f"{name}: {row['status']} {_num(row.get('images_per_s'), '.1f')} img/s "
               f"{row.get('reason') or row.get('last_stderr') or ''}", flush=True)
         save()

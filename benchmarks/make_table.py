@@ -129,7 +129,8 @@ def _train_section(data: dict, name: str) -> list[str]:
              "|---|---:|---:|---:|---:|"]
     for row in data["rows"]:
         if row["status"] != "ok":
-            why = row.get("reason") or f"exit {row.get('returncode')}: {row.get('last_stderr') or ''}"
+            why = row.get("reason") or ("the call ended during this run" if row["status"] == "running"
+                                        else f"exit {row.get('returncode')}: {row.get('last_stderr') or ''}")
             lines.append(f"| {_label(row)} | {row['status']} ({why.replace('|', '/')[:80]}) | - | - | - |")
             continue
         base = ok.get(row["variant"].replace("fast-", "reference-").replace("-compile-", "-eager-"))
