@@ -1,6 +1,8 @@
 """``--compile``: trains through torch.compile, checkpoints stay plain, the maths stays the same."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ SMALL = [*TINY, "--synthetic-sizes", "8", "4", "4", "--depth", "2", "--preview",
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_run_matches_eager(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     code, _, err = run(main, [*SMALL, "--out", str(eager)], capsys)
