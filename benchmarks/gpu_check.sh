@@ -41,7 +41,8 @@ report=benchmarks/results/$gpu-$(date -u +%Y-%m-%d).json
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 
 # Stage caps in seconds keep the whole command inside one device call; 0 skips a stage (to rerun one).
-TESTS_S=${TESTS_S:-120} REPORT_S=${REPORT_S:-140} TRAIN_S=${TRAIN_S:-230}
+TESTS_S=${TESTS_S:-120} REPORT_S=${REPORT_S:-140} TRAIN_S=${TRAIN_S:-400}
+TESTS=${TESTS:-tests/} TRAIN_ARGS=${TRAIN_ARGS:-}
 
 stage() {  # stage NAME CAP_S COMMAND...: run COMMAND under timeout, log to $logs/gpu-NAME.log, echo its status
     local name=$1 cap=$2
@@ -51,11 +52,11 @@ stage() {  # stage NAME CAP_S COMMAND...: run COMMAND under timeout, log to $log
     echo "${PIPESTATUS[0]}"
 }
 
-xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-tests_rc=$(stage pytest "$TESTS_S" $PY -m pytest -q -rs $xdist -p no:cacheprovider tests/)
+xdist=${XDIST-$($PY -c "import xdist" 2>/dev/null && echo "-n 8")}
+tests_rc=$(stage pytest "$TESTS_S" $PY -m pytest -q -rs $xdist -p no:cacheprovider $TESTS)
 report_rc=$(stage report "$REPORT_S" $PY benchmarks/gpu_report.py --out "$report")
 [ -n "${OUT:-}" ] && [ -f "$report" ] && cp "$report" "$OUT/"
 # the training step end to end; its own budget leaves 20 s to write its results
-train_rc=$(stage train "$TRAIN_S" $PY benchmarks/gpu_train.py --budget-s $((TRAIN_S - 20)))
+train_rc=$(stage train "$TRAIN_S" $PY benchmarks/gpu_train.py --budget-s $((TRAIN_S - 20)) $TRAIN_ARGS)
 echo "tests: $tests_rc, report: $report_rc, train: $train_rc (exit statuses), report: $report"
 for rc in $tests_rc $report_rc $train_rc; do [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1; done
