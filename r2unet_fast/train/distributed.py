@@ -51,6 +51,13 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Overwrite every buffer of ``module`` (BatchNorm running statistics, ...) with rank 0's copy,
+        in place, so every rank holds the model rank 0 checkpoints (no-op for a single process)."""
+        if self.enabled:
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=0)
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum of ``values`` over ranks (float64)."""
         if not self.enabled:

@@ -194,6 +194,10 @@ class Trainer:
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
         """Mean loss and metrics (:data:`METRICS`, threshold 0.5) over every rank's shard of ``loader``."""
+        # DDP hands rank 0's buffers to every rank before each training forward, and then each rank's
+        # BatchNorm updates its running statistics with its own batch: without this, each rank would
+        # score its shard with statistics no checkpoint holds. Rank 0's are the ones saved.
+        self.dist.broadcast_buffers(self.model)
         self.model.eval()
         accumulator = MetricAccumulator(keep_per_image=False)
         loss_sum = 0.0
