@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import TINY, free_port, python, read_csv, read_json, subprocess_env
+from train_support import TINY, assert_usage_error, free_port, python, read_csv, read_json, run, subprocess_env
 
-from r2unet_fast import evaluate
+from r2unet_fast import R2AttUNet, evaluate
 from r2unet_fast.metrics import METRICS
+from r2unet_fast.train.cli import main
 
 
 def test_two_cpu_processes_with_gloo(tmp_path: Path) -> None:
@@ -67,3 +68,38 @@ def test_validation_scores_the_checkpointed_model_on_every_rank(tmp_path: Path) 
     for name in METRICS:
         # equal up to the order of float64 sums (two ranks' partial sums vs one running sum)
         assert float(row[f"val_{name}"]) == pytest.approx(rescored[name], rel=1e-12, abs=1e-12), name
+
+
+def test_synchronized_batchnorm_matches_one_process_on_the_whole_batch() -> None:
+    command = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(Path(__file__).with_name("sync_bn_worker.py"))]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "synchronized BatchNorm matches one process on the whole batch" in done.stdout
+
+
+def test_sync_bn_run_records_it_and_keeps_plain_checkpoint_keys(tmp_path: Path) -> None:
+    out = tmp_path / "sync"
+    command = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "r2unet_fast.train", *TINY, "--synthetic-sizes", "16", "6",
+               "4", "--device", "cpu", "--sync-bn", "--out", str(out)]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SyncBatchNorm" in done.stdout
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert state["config"]["sync_bn"] is True
+    plain = R2AttUNet(base_channels=4, depth=3).state_dict()
+    assert list(state["model"]) == list(plain), "SyncBatchNorm keeps BatchNorm2d's parameters and buffers"
+
+
+def test_sync_bn_without_torchrun_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(main, [*TINY, "--device", "cpu", "--sync-bn", "--out", str(tmp_path / "run")], capsys)
+    assert_usage_error(code, err, "--sync-bn", "torchrun")
+    assert not (tmp_path / "run").exists(), "refused before a run folder is made"
+
+
+def test_evaluate_under_torchrun_says_it_runs_in_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run(evaluate.main, ["--checkpoint", str(tmp_path), "--split", "val"], capsys)
+    assert_usage_error(code, err, "one process", "without torchrun")

@@ -21,7 +21,7 @@ from .config import AMP_MODES, OPTIMIZERS, PRESETS, TrainConfig, UsageError, che
 from .distributed import DistContext, setup_distributed
 from .inference import load_model
 from .runtime import check_amp, resolve_device
-from .trainer import Trainer, TrainingDiverged
+from .trainer import Trainer, TrainingDiverged, check_sync_bn
 
 USAGE_EXIT, FAILURE_EXIT, INTERRUPT_EXIT = 2, 1, 130
 
@@ -90,6 +90,8 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--seed", type=int, metavar="N")
     run.add_argument("--workers", type=int, metavar="N", help="DataLoader workers (default: 0 on CPU, up to 8 per GPU)")
     run.add_argument("--preview", type=int, metavar="N", help="test cases drawn in predictions.png")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun: BatchNorm statistics over all processes' batches (SyncBatchNorm)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction,
                      help="train through torch.compile of the model (default off: compiling takes minutes on a CPU; "
                           "the first epoch includes it)")
@@ -179,6 +181,7 @@ def _train(argv: Sequence[str] | None) -> int:
         return 0
     dist = setup_distributed(config.device)
     try:
+        check_sync_bn(config, dist)  # before a run folder exists
         out = Path(config.out) if state is not None else new_run_folder(config.out, dist)
         config.out = str(out)
         started = time.perf_counter()
@@ -190,7 +193,7 @@ def _train(argv: Sequence[str] | None) -> int:
         ddp = f" (DDP, {dist.backend})" if dist.enabled else ""
         say(f"run folder {out} | {config.dataset} ({parts} images at {config.image_size}px) | {model} | "
             f"{dist.device} x{dist.world_size}{ddp} | amp {config.amp}"
-            + (" | torch.compile" if config.compile else "")
+            + (" | torch.compile" if config.compile else "") + (" | SyncBatchNorm" if config.sync_bn else "")
             + (f" | resuming after epoch {trainer.epoch}" if state is not None else ""))
         try:
             results = trainer.fit()
@@ -226,6 +229,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_inference(args: argparse.Namespace) -> tuple[R2AttUNet, TrainConfig, dict[str, Any], torch.device]:
     """(model in eval mode, its TrainConfig, the checkpoint dict, device) from the shared flags."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would score everything and write the same files
+        raise UsageError("evaluate and predict run in one process; run them without torchrun (one GPU or the CPU)")
     device = resolve_device(args.device)
     check_amp(args.amp, device)
     model, config, state = load_model(args.checkpoint, device)

@@ -81,6 +81,7 @@ class TrainConfig:
     out: str | None = None
     preview: int = 4
     compile: bool = False
+    sync_bn: bool = False
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`r2unet_fast.nn.R2AttUNet` for this run."""

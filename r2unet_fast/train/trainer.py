@@ -19,9 +19,10 @@ from .. import __version__
 from ..losses import HybridLoss
 from ..metrics import METRICS, MetricAccumulator
 from ..nn import R2AttUNet
+from ..nn.sync_norm import convert_sync_batchnorm
 from . import optim
 from .checkpoint import CHECKPOINT_DIR, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, UsageError
 from .distributed import DistContext
 from .inference import build_model, to_device, to_input
 from .loaders import build_splits, eval_loader, make_loader, positive_weight, train_sampler
@@ -29,6 +30,13 @@ from .logs import TAIL_COLUMNS, RunLog, progress
 from .plots import plot_curves, plot_predictions
 from .runtime import autocast, check_amp, default_workers, deterministic_algorithms, peak_memory_mb, \
     reset_peak_memory, seed_everything
+
+
+def check_sync_bn(config: TrainConfig, dist: DistContext) -> None:
+    """--sync-bn needs a process group (torchrun); UsageError otherwise."""
+    if config.sync_bn and not dist.enabled:
+        raise UsageError("--sync-bn synchronizes BatchNorm statistics across the processes of a torchrun launch, "
+                         "and this run has no process group; launch it with torchrun or drop --sync-bn")
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,6 +57,7 @@ class Trainer:
                  resume: dict[str, Any] | None = None) -> None:
         self.config, self.dist, self.device, self.out = config, dist, dist.device, Path(out)
         check_amp(config.amp, self.device)
+        check_sync_bn(config, dist)
         self.log = RunLog(self.out, dist.is_main)
         if config.amp != "off" and self.device.type == "cpu":
             self.log.say("note: bf16 autocast on CPU is correct but usually slower than fp32 unless the CPU has "
@@ -64,6 +73,8 @@ class Trainer:
                              for part in ("val", "test") if part in self.datasets}
         seed_everything(config.seed)  # the initial weights depend on the seed only
         self.model = to_device(self.build_model(), self.device)
+        if config.sync_bn:  # before the optimizer sees the parameters: conversion makes new norm modules
+            self.model = convert_sync_batchnorm(self.model)
         self.pos_weight = resume["pos_weight"] if resume else self.resolve_pos_weight()
         self.loss_fn = self.build_loss(self.pos_weight)
         self.optimizer = self.build_optimizer(self.model)
