@@ -185,8 +185,14 @@ def section_hybrid_loss(ctx: Context) -> dict:
             "autotune_winners": kernels.tuned_configs()}
 
 
-# Later ops append their section function; each returns {"name", "timings", ...}.
-SECTIONS: list[Callable[[Context], dict]] = [section_hybrid_loss]
+def section_attention_gate(ctx: Context) -> dict:
+    from benchmarks.gpu_report_attention_gate import section_attention_gate as section
+
+    return section(ctx)
+
+
+# Each op's section returns {"name", "timings", ...}; later ops append theirs.
+SECTIONS: list[Callable[[Context], dict]] = [section_hybrid_loss, section_attention_gate]
 
 
 def _git_commit() -> str:

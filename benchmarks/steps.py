@@ -24,3 +24,43 @@ def loss_step(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: 
         logits.grad = None
         fn(logits, target).backward()
     return fwd_bwd
+
+
+def gate_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, g: torch.Tensor, weights: list[torch.Tensor],
+              pass_: str) -> Callable[[], None]:
+    """A no-argument callable running the attention gate ``fn(x, g, *weights)`` forward only (under
+    no_grad) or forward and backward of a fixed upstream gradient (x, g and the weights must
+    require grad), per ``pass_`` in :data:`PASSES`."""
+    if pass_ not in PASSES:
+        raise ValueError(f"unknown pass {pass_!r}; choose one of {', '.join(PASSES)}")
+    leaves = [x, g, *weights]
+    if pass_ == "fwd":
+        def fwd() -> None:
+            with torch.no_grad():
+                fn(x, g, *weights)
+        return fwd
+    grad_out = torch.randn_like(x)
+
+    def fwd_bwd() -> None:
+        for t in leaves:
+            t.grad = None
+        fn(x, g, *weights).backward(grad_out)
+    return fwd_bwd
+
+
+def saved_for_backward_bytes(fn: Callable[[], object], inputs: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs its forward,
+    leaving out those of ``inputs``: what the op keeps alive between the passes beyond tensors
+    the model holds anyway."""
+    kept = {t.untyped_storage().data_ptr() for t in inputs}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in kept:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..ops.dispatch import ensure_available
+from ..ops.dispatch import ensure_available, resolve
 
 
 def _fold_bn(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,10 +51,22 @@ class AttentionGate(nn.Module):
         wp, bp = _fold_bn(cp.weight.flatten(1), cp.bias, bnp)
         return wx, wg, bx + bg, wp.reshape(-1), bp
 
+    def runs_on(self) -> str:
+        """The backend the next forward runs, with the reason when that is not ``self.backend``."""
+        if self.norm and self.training and self.backend != "reference":
+            return ("reference (norm=True in training mode: the BatchNorm after psi needs the batch "
+                    "statistics of the gate's pre-activation, which the fused op does not produce)")
+        if self.backend == "auto":
+            return resolve(self.fused_op, "auto", self.w_g.weight.device if not self.norm else self.w_g[0].weight.device)
+        return self.backend
+
+    def extra_repr(self) -> str:
+        return f"norm={self.norm}, runs_on={self.runs_on()!r}"
+
     def forward(self, x: torch.Tensor, g: torch.Tensor,
                 return_psi: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.norm and self.training:
-            # Batch statistics need the full intermediate; no fused op covers that yet.
+            # runs_on() says why this stays on the reference
             psi = torch.sigmoid(self.psi(torch.relu(self.w_x(x) + self.w_g(g))))
             out = x * psi
             return (out, psi) if return_psi else out

@@ -41,8 +41,10 @@ def set_backend(module: nn.Module, name: str) -> nn.Module:
 
 
 def backend_report(module: nn.Module) -> dict[str, str]:
-    """``{qualified module name: backend}`` for every layer that dispatches a fused op."""
-    return {name: m.backend for name, m in module.named_modules() if getattr(m, "fused_op", None) is not None}
+    """``{qualified module name: backend}`` for every layer that dispatches a fused op; a layer that
+    runs another backend in its current mode (``runs_on()``) says which and why."""
+    return {name: m.runs_on() if hasattr(m, "runs_on") else m.backend for name, m in module.named_modules()
+            if getattr(m, "fused_op", None) is not None}
 
 
 class R2AttUNet(nn.Module):

@@ -58,10 +58,18 @@ def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: tor
     check_ndim("x", x, 4, "(N, Cx, H, W)")
     check_ndim("g", g, 4, "(N, Cg, H, W)")
     n, cx, h, w = x.shape
+    if g.dtype != x.dtype:
+        if not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x and g must have one dtype, got x {x.dtype} and g {g.dtype}")
+        # under autocast the reference's 1x1 convolutions would run in the autocast dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, g = x.to(dtype), g.to(dtype)
     if g.shape[0] != n or g.shape[2:] != x.shape[2:]:
         raise ValueError(f"g must match x in batch and spatial size: x {tuple(x.shape)}, g {tuple(g.shape)}")
     check_ndim("w_x", w_x, 2, "(F, Cx)")
     f = w_x.shape[0]
+    if f == 0:
+        raise ValueError(f"the gate needs at least one intermediate channel, got w_x of shape {tuple(w_x.shape)}")
     check_shape("w_x", w_x, (f, cx))
     check_shape("w_g", w_g, (f, g.shape[1]))
     check_shape("bias", bias, (f,))

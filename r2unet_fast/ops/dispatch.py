@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .library import attention_gate as _attention_gate_ops
 from .library import hybrid_loss as _hybrid_loss_ops
 from .library import interpreting
 
@@ -32,7 +33,9 @@ _KERNELS: dict[str, dict[str, Callable]] = {
     "hybrid_loss": {"reference": reference.hybrid_loss,
                     "triton": _hybrid_loss_ops.hybrid_loss_triton,
                     "cpu": _hybrid_loss_ops.hybrid_loss_cpu},
-    "attention_gate": {"reference": reference.attention_gate},
+    "attention_gate": {"reference": reference.attention_gate,
+                       "triton": _attention_gate_ops.attention_gate_triton,
+                       "cpu": _attention_gate_ops.attention_gate_cpu},
 }
 
 
