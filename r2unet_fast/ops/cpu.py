@@ -50,3 +50,51 @@ def hybrid_loss_epilogue(partials: torch.Tensor, numel: int, pos_weight: float, 
     coef = torch.empty((partials.shape[0], NUM_SUMS), dtype=torch.float64)
     _C.hybrid_loss_epilogue(partials, numel, loss, coef, pos_weight, dice_weight, bce_weight, smooth, per_image)
     return loss, coef
+
+
+def _computed(t: torch.Tensor) -> torch.Tensor:
+    """bfloat16 / float16 are computed in float32 (same strides); other dtypes go to the kernel as they are."""
+    return t.to(torch.float32) if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def attention_gate_fwd(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor, bias: torch.Tensor,
+                       w_psi: torch.Tensor, b_psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention gate ``out = x * psi``, ``psi = sigmoid(w_psi . relu(W_x x + W_g g + bias) + b_psi)``.
+
+    Args:
+        x: (N, Cx, H, W), g: (N, Cg, H, W) CPU tensors of one dtype, both contiguous or both
+            channels_last. float32/float64 natively; bfloat16/float16 computed in float32.
+        w_x (F, Cx), w_g (F, Cg), bias (F,), w_psi (F,), b_psi (1,): contiguous, float32
+            (float64 for float64 x).
+    Returns:
+        out like x (dtype and strides) and psi (N, 1, H, W) contiguous in x's dtype.
+    """
+    xc, gc = _computed(x), _computed(g)
+    out = torch.empty_like(xc)
+    psi = torch.empty((x.shape[0], 1, x.shape[2], x.shape[3]), dtype=xc.dtype, device=x.device)
+    _C.attention_gate_fwd(xc, gc, w_x, w_g, bias, w_psi, b_psi, out, psi)
+    return out.to(x.dtype), psi.to(x.dtype)
+
+
+def attention_gate_bwd(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor, bias: torch.Tensor,
+                       w_psi: torch.Tensor, b_psi: torch.Tensor, grad_out: torch.Tensor, grad_psi: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """Every gradient of :func:`attention_gate_fwd`; recomputes the gate from the inputs.
+
+    Args:
+        x, g, w_x, w_g, bias, w_psi, b_psi: as for :func:`attention_gate_fwd`.
+        grad_out: (N, Cx, H, W) in x's dtype and memory format.
+        grad_psi: (N, 1, H, W) contiguous in x's dtype, or any tensor with ``numel() == 0``
+            when psi got no gradient.
+    Returns:
+        (dx, dg, dw_x, dw_g, dbias, dw_psi, db_psi): dx and dg like x and g, the rest like the weights.
+    """
+    xc, gc = _computed(x), _computed(g)
+    dx, dg = torch.empty_like(xc), torch.empty_like(gc)
+    dw_x, dw_g = torch.empty_like(w_x), torch.empty_like(w_g)
+    dbias, dw_psi, db_psi = torch.empty_like(bias), torch.empty_like(w_psi), torch.empty_like(b_psi)
+    gp = _computed(grad_psi) if grad_psi.numel() != 0 else None
+    _C.attention_gate_bwd(xc, gc, w_x, w_g, bias, w_psi, b_psi, _computed(grad_out), gp,
+                          dx, dg, dw_x, dw_g, dbias, dw_psi, db_psi)
+    return dx.to(x.dtype), dg.to(g.dtype), dw_x, dw_g, dbias, dw_psi, db_psi
