@@ -448,8 +448,11 @@ def attention_gate_bwd(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g:
             bucket, **blocks, **flags, **tile)
         dw_x = _weight_grad(da, x, arch, blocks, flags, bucket)
         dw_g = _weight_grad(da, g, arch, blocks, flags, bucket)
-    sums = partials.sum(dim=0)
-    return dx, dg, dw_x, dw_g, sums[:f], sums[f:2 * f], sums[2 * f:]
+    # one sum per gradient, so that no two outputs are views of one tensor (op outputs must not alias)
+    dbias = partials[:, :f].sum(dim=0)
+    dw_psi = partials[:, f:2 * f].sum(dim=0)
+    db_psi = partials[:, 2 * f:].sum(dim=0)
+    return dx, dg, dw_x, dw_g, dbias, dw_psi, db_psi
 
 
 def tuned_configs() -> dict[str, list[dict[str, object]]]:
