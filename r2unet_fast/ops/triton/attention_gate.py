@@ -87,7 +87,8 @@ def _rounded(value, DTYPE: tl.constexpr):
 @triton.jit
 def _operand(v, DOT_DTYPE: tl.constexpr, WIDEN: tl.constexpr):
     # a tl.dot operand: in DOT_DTYPE, widened to fp32 where the interpreter cannot multiply bf16
-    v = _rounded(v, DOT_DTYPE)
+    if v.dtype != DOT_DTYPE:  # the weights, for half-precision x
+        v = _rounded(v, DOT_DTYPE)
     if WIDEN:
         v = v.to(tl.float32)
     return v
