@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,10 @@ def test_cpu_smoke_end_to_end(tmp_path: Path) -> None:
     assert list(profile["phases"]) == ["to_device", "forward", "loss", "backward", "optimizer"]
     assert profile["ops"] and all(not op["name"].startswith("step.") for op in profile["ops"])
     assert data["data"]["train_images"] == data["sizes"]["steps"] * data["sizes"]["batch_size"]
-    for name in (report.name, report.with_suffix(".profile.txt").name, "gpu-train-logs/ddp.out"):
+    for name in (report.name, report.with_suffix(".profile.txt").name, "gpu-train-logs.tar.gz"):
         assert (out / name).is_file(), name
+    with tarfile.open(out / "gpu-train-logs.tar.gz") as logs:  # one file: the device returns at most 8
+        assert "./ddp.out" in logs.getnames()
     assert "aten::" in (out / report.with_suffix(".profile.txt").name).read_text()
     table = done.stdout[done.stdout.index("wrote "):]
     assert "fast-eager-fp32" in table and "DDP: passed" in table and "backward" in table
