@@ -212,14 +212,14 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def table(timings: list[Timing], copy_gbps: float) -> str:
     """Plain-text table: one row per op/pass/dtype."""
-    head = (f"{'op':<14}{'pass':<9}{'dtype':<10}{'eager ms':>10}{'compile ms':>12}{'fast ms':>10}"
+    head = (f"{'op':<16}{'pass':<9}{'dtype':<10}{'eager ms':>10}{'compile ms':>12}{'fast ms':>10}"
             f"{'x eager':>9}{'x compile':>11}{'fast GB/s':>11}{'% copy BW':>11}{'launches e/c/f':>16}")
     lines = [head, "-" * len(head)]
     for t in timings:
         eager, comp, fast = (t.ms.get(k) for k in ("eager", "compile", "fast"))
         gbps = t.gbps("fast")
         lines.append(
-            f"{t.op:<14}{t.pass_:<9}{t.dtype:<10}{_fmt(eager, '.4f'):>10}{_fmt(comp, '.4f'):>12}{_fmt(fast, '.4f'):>10}"
+            f"{t.op:<16}{t.pass_:<9}{t.dtype:<10}{_fmt(eager, '.4f'):>10}{_fmt(comp, '.4f'):>12}{_fmt(fast, '.4f'):>10}"
             f"{_fmt(eager / fast if eager and fast else None, '.2f'):>9}"
             f"{_fmt(comp / fast if comp and fast else None, '.2f'):>11}{_fmt(gbps, '.0f'):>11}"
             f"{_fmt(100 * gbps / copy_gbps if gbps else None, '.1f'):>11}"

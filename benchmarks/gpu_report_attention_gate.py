@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.steps import PASSES, gate_step, saved_for_backward_bytes
+from benchmarks.steps import PASSES, gate_call, gate_step, saved_for_backward_bytes
 from benchmarks.test_attention_gate import GPU_LEVELS, gate_inputs
 
 NAMES = ("out", "psi", "x", "g", "w_x", "w_g", "bias", "w_psi", "b_psi")
@@ -94,7 +94,7 @@ def section_attention_gate(ctx) -> dict:
                         row.peak_mb[impl] = peak_added_mb(step, ctx.device)
                         row.launches[impl] = launches_per_call(step, ctx.device)
                         if pass_ == "fwd+bwd":
-                            saved = saved_for_backward_bytes(lambda: fn(x, g, *weights), (x, g, *weights))
+                            saved = saved_for_backward_bytes(lambda: gate_call(fn, x, g, weights), (x, g, *weights))
                             row.notes[impl] = f"saved beyond inputs {saved / 2**20:.1f} MiB"
                     except Exception as e:  # compile may fail; keep the others' numbers
                         row.ms[impl], row.notes[impl] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

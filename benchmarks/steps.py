@@ -26,6 +26,14 @@ def loss_step(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: 
     return fwd_bwd
 
 
+def gate_call(fn: Callable[..., torch.Tensor], x: torch.Tensor, g: torch.Tensor,
+              weights: list[torch.Tensor]) -> torch.Tensor:
+    """``fn(x, g, *weights)``; half-precision x under autocast, which is how a model runs half
+    activations with float32 weights (the reference needs it; the fused op casts the weights itself)."""
+    with torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype in (torch.float16, torch.bfloat16)):
+        return fn(x, g, *weights)
+
+
 def gate_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, g: torch.Tensor, weights: list[torch.Tensor],
               pass_: str) -> Callable[[], None]:
     """A no-argument callable running the attention gate ``fn(x, g, *weights)`` forward only (under
@@ -34,17 +42,21 @@ def gate_step(fn: Callable[..., torch.Tensor], x: torch.Tensor, g: torch.Tensor,
     if pass_ not in PASSES:
         raise ValueError(f"unknown pass {pass_!r}; choose one of {', '.join(PASSES)}")
     leaves = [x, g, *weights]
+
+    def call() -> torch.Tensor:
+        return gate_call(fn, x, g, weights)
+
     if pass_ == "fwd":
         def fwd() -> None:
             with torch.no_grad():
-                fn(x, g, *weights)
+                call()
         return fwd
     grad_out = torch.randn_like(x)
 
     def fwd_bwd() -> None:
         for t in leaves:
             t.grad = None
-        fn(x, g, *weights).backward(grad_out)
+        call().backward(grad_out)
     return fwd_bwd
 
 

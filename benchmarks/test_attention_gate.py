@@ -9,7 +9,7 @@ import torch
 from r2unet_fast import ops
 from r2unet_fast.ops import reference
 
-from .steps import PASSES, gate_step, saved_for_backward_bytes
+from .steps import PASSES, gate_call, gate_step, saved_for_backward_bytes
 
 IMPLS = ("reference", "fast", "compile")
 # (N, channels of x and g, H = W); F = channels / 2 as in R2AttUNet
@@ -56,6 +56,8 @@ def test_attention_gate(benchmark, bench, device, pass_, impl, dtype, level):
     else:
         gate = bench.compiled(reference.attention_gate, lambda f: gate_step(f, x, g, weights, pass_))
     step = gate_step(gate, x, g, weights, pass_)
-    saved = saved_for_backward_bytes(lambda: gate(x, g, *weights), (x, g, *weights)) if pass_ == "fwd+bwd" else None
+    saved = None
+    if pass_ == "fwd+bwd":
+        saved = saved_for_backward_bytes(lambda: gate_call(gate, x, g, weights), (x, g, *weights))
     bench.run(step, op="attention_gate", pass_=pass_, impl=impl, backend=backend, dtype=str(dtype),
               shape=[n, c, size, size], inter_channels=max(1, c // 2), saved_beyond_inputs_bytes=saved)

@@ -27,7 +27,8 @@ def _inputs(n=2, cx=5, cg=7, f=3, h=13, w=9, dtype=torch.float64, device="cpu", 
     """x, g and the five weights, drawn in float64 on the CPU (same numbers on every device)."""
     x, g = torch.randn(n, cx, h, w, dtype=torch.float64), torch.randn(n, cg, h, w, dtype=torch.float64)
     weights = [torch.randn(f, cx, dtype=torch.float64) / cx ** 0.5, torch.randn(f, cg, dtype=torch.float64) / cg ** 0.5,
-               torch.randn(f, dtype=torch.float64) * 0.3, torch.randn(f, dtype=torch.float64), torch.randn(1, dtype=torch.float64)]
+               torch.randn(f, dtype=torch.float64) * 0.3, torch.randn(f, dtype=torch.float64),
+               torch.randn(1, dtype=torch.float64)]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, g = (t.to(device, dtype).contiguous(memory_format=fmt) for t in (x, g))
     return x, g, [wt.to(device, dtype) for wt in weights]

@@ -57,7 +57,7 @@ class AttentionGate(nn.Module):
             return ("reference (norm=True in training mode: the BatchNorm after psi needs the batch "
                     "statistics of the gate's pre-activation, which the fused op does not produce)")
         if self.backend == "auto":
-            return resolve(self.fused_op, "auto", self.w_g.weight.device if not self.norm else self.w_g[0].weight.device)
+            return resolve(self.fused_op, "auto", next(self.parameters()).device)
         return self.backend
 
     def extra_repr(self) -> str:
