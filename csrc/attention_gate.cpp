@@ -434,10 +434,34 @@ Dims check_inputs(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w_
 
 }  // namespace
 
+int64_t attention_gate_kept_numel(int64_t n, int64_t h, int64_t w, int64_t f) { return n * h * w * f; }
+
+namespace {
+
+// A chunk's slot in the kept buffer: its (F, len) block, packed in pixel order, so every element
+// of the buffer is written.
+template <typename T>
+T* kept_slot(const Dims& d, const std::optional<at::Tensor>& kept, int64_t image, int64_t start) {
+  return kept.has_value() ? kept->data_ptr<T>() + (image * d.hw + start) * d.f : nullptr;
+}
+
+void check_kept(const Dims& d, const std::optional<at::Tensor>& kept, at::ScalarType dtype) {
+  if (kept.has_value()) {
+    TORCH_CHECK(kept->scalar_type() == dtype && kept->is_contiguous() && kept->device().is_cpu() &&
+                    kept->numel() == d.n * d.hw * d.f,
+                "attention_gate (cpu): kept must be a contiguous CPU buffer of ", dtype, " with ",
+                d.n * d.hw * d.f, " elements, got ", kept->scalar_type(),
+                " with ", kept->numel());
+  }
+}
+
+}  // namespace
+
 void attention_gate_fwd(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w_x, const at::Tensor& w_g,
                         const at::Tensor& bias, const at::Tensor& w_psi, const at::Tensor& b_psi, at::Tensor out,
-                        at::Tensor psi) {
+                        at::Tensor psi, const std::optional<at::Tensor>& kept) {
   const Dims d = check_inputs(x, g, w_x, w_g, bias, w_psi, b_psi);
+  check_kept(d, kept, x.scalar_type());
   check_like("out", out, x, d);
   check_param("psi", psi, {d.n, 1, x.size(2), x.size(3)}, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_gate_fwd", [&] {
@@ -449,6 +473,9 @@ void attention_gate_fwd(const at::Tensor& x, const at::Tensor& g, const at::Tens
     T* pp = psi.data_ptr<T>();
     for_each_chunk<T>(d, [&](int64_t, int64_t image, int64_t start, int64_t len, T* a) {
       preactivation(d, w, xp, gp, image, start, len, a);
+      if (T* slot = kept_slot<T>(d, kept, image, start)) {
+        std::copy(a, a + d.f * len, slot);
+      }
       const int64_t ox = d.offset(d.cx, image, start);
       T* psi_c = pp + image * d.hw + start;
       if (d.channels_last) {
@@ -464,8 +491,9 @@ void attention_gate_bwd(const at::Tensor& x, const at::Tensor& g, const at::Tens
                         const at::Tensor& bias, const at::Tensor& w_psi, const at::Tensor& b_psi,
                         const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_psi, at::Tensor dx,
                         at::Tensor dg, at::Tensor dw_x, at::Tensor dw_g, at::Tensor dbias, at::Tensor dw_psi,
-                        at::Tensor db_psi) {
+                        at::Tensor db_psi, const std::optional<at::Tensor>& kept) {
   const Dims d = check_inputs(x, g, w_x, w_g, bias, w_psi, b_psi);
+  check_kept(d, kept, x.scalar_type());
   check_like("grad_out", grad_out, x, d);
   if (grad_psi.has_value()) {
     check_param("grad_psi", *grad_psi, {d.n, 1, x.size(2), x.size(3)}, x.scalar_type());
@@ -493,7 +521,13 @@ void attention_gate_bwd(const at::Tensor& x, const at::Tensor& g, const at::Tens
     std::vector<T> part_wx(static_cast<size_t>(items * d.f * d.cx));
     std::vector<T> part_wg(static_cast<size_t>(items * d.f * d.cg));
     for_each_chunk<T>(d, [&](int64_t item, int64_t image, int64_t start, int64_t len, T* a) {
-      preactivation(d, w, xp, gp, image, start, len, a);
+      // a copy, not the kept slot itself: the pass below turns a into da in place, and the kept
+      // buffer must survive a second backward (retain_graph)
+      if (const T* slot = kept_slot<T>(d, kept, image, start)) {
+        std::copy(slot, slot + d.f * len, a);
+      } else {
+        preactivation(d, w, xp, gp, image, start, len, a);
+      }
       const int64_t ox = d.offset(d.cx, image, start);
       const T* gpsi_c = gpsi != nullptr ? gpsi + image * d.hw + start : nullptr;
       double* part = partial.data() + item * np;

@@ -52,12 +52,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The attention gate: psi = sigmoid(w_psi . relu(W_x x + W_g g + bias) + b_psi) into psi (N, 1, H, W) "
         "and x * psi into out (x's layout).",
         py::arg("x"), py::arg("g"), py::arg("w_x"), py::arg("w_g"), py::arg("bias"), py::arg("w_psi"),
-        py::arg("b_psi"), py::arg("out"), py::arg("psi"), py::call_guard<py::gil_scoped_release>());
+        py::arg("b_psi"), py::arg("out"), py::arg("psi"), py::arg("kept") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("attention_gate_kept_numel", &r2unet_fast::attention_gate_kept_numel,
+        "Elements of the forward's kept pre-activation buffer for x (N, ., H, W) and F channels.", py::arg("n"),
+        py::arg("h"), py::arg("w"), py::arg("f"));
   m.def("attention_gate_bwd", &r2unet_fast::attention_gate_bwd,
         "Gradients of the attention gate from grad_out and grad_psi (None: psi got no gradient) into dx, dg, "
         "dw_x, dw_g, dbias, dw_psi, db_psi.",
         py::arg("x"), py::arg("g"), py::arg("w_x"), py::arg("w_g"), py::arg("bias"), py::arg("w_psi"),
         py::arg("b_psi"), py::arg("grad_out"), py::arg("grad_psi"), py::arg("dx"), py::arg("dg"), py::arg("dw_x"),
-        py::arg("dw_g"), py::arg("dbias"), py::arg("dw_psi"), py::arg("db_psi"),
+        py::arg("dw_g"), py::arg("dbias"), py::arg("dw_psi"), py::arg("db_psi"), py::arg("kept") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -169,9 +169,10 @@ def test_ops_pass_opcheck(backend):
     bwd = getattr(namespace, lib.op_name(backend.name, backward=True))
     x, g, weights = _inputs(n=1, cx=3, cg=2, f=2, h=3, w=5, device=backend.device)
     torch.library.opcheck(fwd.default, tuple(t.clone().requires_grad_() for t in (x, g, *weights)))
+    kept = fwd(x, g, *weights)[2:]  # the C++ forward keeps the pre-activation for its backward
     grad_out = torch.randn_like(x)
     for grad_psi in (torch.randn(1, 1, 3, 5, dtype=x.dtype, device=x.device), x.new_empty(0)):
-        torch.library.opcheck(bwd.default, (x, g, *weights, grad_out, grad_psi))
+        torch.library.opcheck(bwd.default, (x, g, *weights, *kept, grad_out, grad_psi))
 
 
 @pytest.mark.parametrize("backend", CPU_ONLY)

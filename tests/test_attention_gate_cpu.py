@@ -320,3 +320,28 @@ def test_cpp_checks_its_inputs():
         cpu.attention_gate_bwd(xl, gl, *weights, go, gp)
     with pytest.raises(RuntimeError, match="w_x must have dtype"):  # float64 x needs float64 weights
         cpu.attention_gate_fwd(x.double(), g.double(), *weights)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 13, 9), (1, 6, 4, 5, 47, 53)], ids=["one_chunk", "two_chunks"])
+def test_kept_preactivation_gives_the_recomputed_gradients(fmt, shape):
+    n, cx, cg, f, h, w = shape
+    x, g, weights, go, gp = _inputs(n, cx, cg, f, h, w, torch.float32, fmt)
+    assert cpu.attention_gate_kept_numel(n, h, w, f) == _C.attention_gate_kept_numel(n, h, w, f)
+    out, psi, kept = cpu.attention_gate_fwd_kept(x, g, *weights)
+    plain_out, plain_psi = cpu.attention_gate_fwd(x, g, *weights)
+    assert torch.equal(out, plain_out) and torch.equal(psi, plain_psi)
+    before = kept.clone()
+    recomputed = cpu.attention_gate_bwd(x, g, *weights, go, gp)
+    for _ in range(2):  # a second backward (retain_graph) must find the buffer intact
+        read = cpu.attention_gate_bwd_kept(x, g, *weights, kept, go, gp)
+        for name, a, b in zip(NAMES[2:], read, recomputed):
+            assert torch.equal(a, b), name
+    assert torch.equal(kept, before), "backward must not overwrite the kept buffer"
+
+
+def test_kept_buffer_of_the_wrong_size_is_refused():
+    x, g, weights, go, gp = _inputs(dtype=torch.float32)
+    _, _, kept = cpu.attention_gate_fwd_kept(x, g, *weights)
+    with pytest.raises(RuntimeError, match="kept must be"):
+        cpu.attention_gate_bwd_kept(x, g, *weights, kept[1:], go, gp)

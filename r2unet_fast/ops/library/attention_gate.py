@@ -1,10 +1,13 @@
 """``r2unet_fast::attention_gate_<backend>`` (triton, cpu) and the functions that call them.
 
-Forward op: ``(x, g, w_x, w_g, bias, w_psi, b_psi) -> (out, psi)``. Nothing of the forward
-but its inputs is saved: the backward op ``(x, g, w_x, w_g, bias, w_psi, b_psi, grad_out,
-grad_psi) -> (dx, dg, dw_x, dw_g, dbias, dw_psi, db_psi)`` recomputes the F-channel
-intermediate and psi from them (see :mod:`r2unet_fast.ops.triton.attention_gate` and
-``csrc/attention_gate.cpp``). ``grad_psi`` is an empty tensor when psi got no gradient.
+Triton forward op: ``(x, g, w_x, w_g, bias, w_psi, b_psi) -> (out, psi)``. Nothing of the
+forward but its inputs is saved: the backward op ``(x, g, w_x, w_g, bias, w_psi, b_psi,
+grad_out, grad_psi) -> (dx, dg, dw_x, dw_g, dbias, dw_psi, db_psi)`` recomputes the
+F-channel intermediate and psi (:mod:`r2unet_fast.ops.triton.attention_gate`): on a GPU the
+bytes not stored are worth more than the GEMM work. The C++ ops keep that intermediate
+instead (a third output ``kept``, a third less backward GEMM work; on a CPU the GEMMs decide
+the time), and their backward takes it after ``b_psi``. ``grad_psi`` is an empty tensor when
+psi got no gradient.
 
 :func:`attention_gate_triton` and :func:`attention_gate_cpu` take the reference's signature
 and are what :mod:`r2unet_fast.ops.dispatch` runs: they bring x and g into one memory format
@@ -21,6 +24,8 @@ from ..reference import compute_dtype
 from . import NAMESPACE, define
 
 _LAUNCHERS: dict[str, str] = {"triton": "r2unet_fast.ops.triton.attention_gate", "cpu": "r2unet_fast.ops.cpu"}
+# backends whose forward keeps the pre-activation for backward (a third output)
+_KEEPS: frozenset[str] = frozenset({"cpu"})
 _REGISTERED: set[str] = set()
 _NUM_INPUTS = 7
 
@@ -36,27 +41,45 @@ def _fake_fwd(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Te
     return torch.empty_like(x), x.new_empty((n, 1, h, w))
 
 
+def _fake_fwd_kept(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor, bias: torch.Tensor,
+                   w_psi: torch.Tensor, b_psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..cpu import attention_gate_kept_numel
+
+    n, _, h, w = x.shape
+    kept = x.new_empty(attention_gate_kept_numel(n, h, w, w_x.shape[0]), dtype=compute_dtype(x))
+    return (*_fake_fwd(x, g, w_x, w_g, bias, w_psi, b_psi), kept)
+
+
 def _fake_bwd(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor, bias: torch.Tensor,
               w_psi: torch.Tensor, b_psi: torch.Tensor, grad_out: torch.Tensor,
               grad_psi: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty_like(t) for t in (x, g, w_x, w_g, bias, w_psi, b_psi))
 
 
-def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    ctx.save_for_backward(*inputs)
+def _fake_bwd_kept(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor, bias: torch.Tensor,
+                   w_psi: torch.Tensor, b_psi: torch.Tensor, kept: torch.Tensor, grad_out: torch.Tensor,
+                   grad_psi: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _fake_bwd(x, g, w_x, w_g, bias, w_psi, b_psi, grad_out, grad_psi)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple[torch.Tensor, ...]) -> None:
+    kept = output[2:]  # () for a recomputing backend
+    ctx.save_for_backward(*inputs, *kept)
+    if kept:
+        ctx.mark_non_differentiable(*kept)
     # an output that gets no gradient stays None instead of a zero-filled tensor (a launch)
     ctx.set_materialize_grads(False)
 
 
 def _backward_through(bwd_op):
-    def backward(ctx, grad_out: torch.Tensor | None, grad_psi: torch.Tensor | None) -> tuple:
+    def backward(ctx, grad_out: torch.Tensor | None, grad_psi: torch.Tensor | None, *_kept: None) -> tuple:
         if grad_out is None and grad_psi is None:
             return (None,) * _NUM_INPUTS
-        x, g, *weights = ctx.saved_tensors
+        x, g, *rest = ctx.saved_tensors  # the 5 weights, then the kept buffer if any
         fmt = _layout(x)
         grad_out = torch.zeros_like(x) if grad_out is None else grad_out.contiguous(memory_format=fmt).to(x.dtype)
         grad_psi = x.new_empty(0) if grad_psi is None else grad_psi.contiguous().to(x.dtype)
-        grads = bwd_op(x, g, *weights, grad_out, grad_psi)
+        grads = bwd_op(x, g, *rest, grad_out, grad_psi)
         return tuple(grad if need else None for grad, need in zip(grads, ctx.needs_input_grad))
     return backward
 
@@ -66,8 +89,12 @@ def register(backend: str) -> None:
     if backend in _REGISTERED:
         return
     launchers = importlib.import_module(_LAUNCHERS[backend])
-    fwd = define(op_name(backend), backend, launchers.attention_gate_fwd, _fake_fwd)
-    bwd = define(op_name(backend, backward=True), backend, launchers.attention_gate_bwd, _fake_bwd)
+    if backend in _KEEPS:
+        fwd = define(op_name(backend), backend, launchers.attention_gate_fwd_kept, _fake_fwd_kept)
+        bwd = define(op_name(backend, backward=True), backend, launchers.attention_gate_bwd_kept, _fake_bwd_kept)
+    else:
+        fwd = define(op_name(backend), backend, launchers.attention_gate_fwd, _fake_fwd)
+        bwd = define(op_name(backend, backward=True), backend, launchers.attention_gate_bwd, _fake_bwd)
     fwd.register_autograd(_backward_through(bwd), setup_context=_setup_context)
     _REGISTERED.add(backend)
 
@@ -101,7 +128,7 @@ def _attention_gate(backend: str, x: torch.Tensor, g: torch.Tensor, w_x: torch.T
                     return_psi: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _ready(backend)
     op = getattr(getattr(torch.ops, NAMESPACE), op_name(backend))
-    out, psi = op(*prepare_inputs(x, g, w_x, w_g, bias, w_psi, b_psi))
+    out, psi = op(*prepare_inputs(x, g, w_x, w_g, bias, w_psi, b_psi))[:2]
     return (out, psi) if return_psi else out
 
 
