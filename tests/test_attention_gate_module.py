@@ -77,3 +77,21 @@ def test_r2attunet_runs_its_gates_on_the_fused_op_by_default(backend):
     assert gates(popular.eval()) == {"cpu"}
     (where,) = gates(popular.train())
     assert where.startswith("reference (norm=True in training mode")
+
+
+@pytest.mark.parametrize("backend", cases("attention_gate", ("cpu",)))
+def test_cpu_gate_keeps_its_preactivation_only_when_a_backward_can_follow(backend):
+    from torch.profiler import ProfilerActivity, profile
+
+    ref, fast = _pair(backend, norm=False)
+    x, g = _batch(backend.device, 1)
+
+    def ops_run(fn) -> set[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return {e.name for e in prof.events() if e.name.startswith("r2unet_fast::")}
+
+    with torch.no_grad():
+        assert ops_run(lambda: fast(x, g)) == {"r2unet_fast::attention_gate_cpu_infer"}
+        torch.testing.assert_close(fast(x, g), ref(x, g), rtol=1e-12, atol=1e-12)
+    assert ops_run(lambda: fast(x, g)) == {"r2unet_fast::attention_gate_cpu"}

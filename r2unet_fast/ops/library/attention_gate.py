@@ -30,9 +30,10 @@ _REGISTERED: set[str] = set()
 _NUM_INPUTS = 7
 
 
-def op_name(backend: str, backward: bool = False) -> str:
-    """``attention_gate_<backend>`` or ``attention_gate_<backend>_bwd`` (in namespace r2unet_fast)."""
-    return f"attention_gate_{backend}" + ("_bwd" if backward else "")
+def op_name(backend: str, backward: bool = False, inference: bool = False) -> str:
+    """``attention_gate_<backend>``, its ``_bwd``, or ``_infer`` (the keeping backends' forward without
+    the kept buffer, for calls that need no gradient), in namespace r2unet_fast."""
+    return f"attention_gate_{backend}" + ("_bwd" if backward else "") + ("_infer" if inference else "")
 
 
 def _fake_fwd(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor, bias: torch.Tensor,
@@ -90,6 +91,7 @@ def register(backend: str) -> None:
         return
     launchers = importlib.import_module(_LAUNCHERS[backend])
     if backend in _KEEPS:
+        define(op_name(backend, inference=True), backend, launchers.attention_gate_fwd, _fake_fwd)
         fwd = define(op_name(backend), backend, launchers.attention_gate_fwd_kept, _fake_fwd_kept)
         bwd = define(op_name(backend, backward=True), backend, launchers.attention_gate_bwd_kept, _fake_bwd_kept)
     else:
@@ -127,8 +129,11 @@ def _attention_gate(backend: str, x: torch.Tensor, g: torch.Tensor, w_x: torch.T
                     bias: torch.Tensor, w_psi: torch.Tensor, b_psi: torch.Tensor,
                     return_psi: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     _ready(backend)
-    op = getattr(getattr(torch.ops, NAMESPACE), op_name(backend))
-    out, psi = op(*prepare_inputs(x, g, w_x, w_g, bias, w_psi, b_psi))[:2]
+    inputs = prepare_inputs(x, g, w_x, w_g, bias, w_psi, b_psi)
+    # without autograd (evaluation, prediction) nothing needs keeping for a backward
+    inference = backend in _KEEPS and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    op = getattr(getattr(torch.ops, NAMESPACE), op_name(backend, inference=inference))
+    out, psi = op(*inputs)[:2]
     return (out, psi) if return_psi else out
 
 
