@@ -41,7 +41,7 @@ report=benchmarks/results/$gpu-$(date -u +%Y-%m-%d).json
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 
 # Stage caps in seconds keep the whole command inside one device call; 0 skips a stage (to rerun one).
-TESTS_S=${TESTS_S:-120} REPORT_S=${REPORT_S:-140} TRAIN_S=${TRAIN_S:-400}
+TESTS_S=${TESTS_S:-110} REPORT_S=${REPORT_S:-140} TRAIN_S=${TRAIN_S:-300}
 TESTS=${TESTS:-tests/} TRAIN_ARGS=${TRAIN_ARGS:-}
 
 stage() {  # stage NAME CAP_S COMMAND...: run COMMAND under timeout, log to $logs/gpu-NAME.log, echo its status

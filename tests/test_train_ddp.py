@@ -90,6 +90,17 @@ def test_sync_bn_run_records_it_and_keeps_plain_checkpoint_keys(tmp_path: Path) 
     assert state["config"]["sync_bn"] is True
     plain = R2AttUNet(base_channels=4, depth=3).state_dict()
     assert list(state["model"]) == list(plain), "SyncBatchNorm keeps BatchNorm2d's parameters and buffers"
+    # the setting comes back with the run: resumed under torchrun it synchronizes again ...
+    command = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "r2unet_fast.train", "--resume", str(out), "--epochs", "2"]
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SyncBatchNorm" in done.stdout and "resuming after epoch 1" in done.stdout
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["config"]["sync_bn"] is True
+    # ... and a resume without torchrun is refused, as a fresh run would be
+    done = subprocess.run([python(), "-m", "r2unet_fast.train", "--resume", str(out), "--epochs", "3"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--sync-bn" in done.stderr, done.stderr
 
 
 def test_sync_bn_without_torchrun_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
