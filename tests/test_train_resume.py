@@ -116,3 +116,26 @@ def test_early_stopping_and_resuming_a_stopped_run(tmp_path: Path, monkeypatch: 
     code, stdout, err = run(main, ["--resume", str(out)], capsys)
     assert code == 0 and "epoch 4/5" not in stdout, stdout
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from train_support import python, subprocess_env
+
+    out = tmp_path / "run"
+    process = subprocess.Popen([python(), "-m", "r2unet_fast.train", *TINY, "--epochs", "200", "--device", "cpu",
+                                "--out", str(out)], env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:  # the first finished epoch: a checkpoint to resume from exists
+            if line.startswith("epoch 1/200"):
+                break
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert f"continue with: python -m r2unet_fast.train --resume {out}" in stdout
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] >= 1

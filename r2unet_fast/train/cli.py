@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
 
@@ -212,9 +215,28 @@ def _train(argv: Sequence[str] | None) -> int:
         dist.shutdown()
 
 
+def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a scheduler's time limit) behaves like Ctrl-C while the block runs: the trainer
+    stops where it is, says how to resume, and exits 130. Only in the main thread (signal's rule)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m r2unet_fast.train``; returns the exit code."""
-    return run_cli(_train, argv)
+    with sigterm_as_interrupt():
+        return run_cli(_train, argv)
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
