@@ -146,3 +146,38 @@ def test_predict_bad_images(folder_run: Path, tmp_path: Path, capsys: pytest.Cap
     assert_usage_error(code, err, str(grey), "grayscale")
     code, _, err = run(predict.main, ["--checkpoint", str(folder_run), str(tmp_path / "absent.jpg")], capsys)
     assert_usage_error(code, err, "absent.jpg", "does not exist")
+
+
+def _doctored(folder_run: Path, tmp_path: Path, change) -> Path:
+    """A copy of the run's best checkpoint with ``change(state["model"])`` applied."""
+    state = torch.load(folder_run / "checkpoints/best.pt", weights_only=True)
+    change(state["model"])
+    path = tmp_path / "doctored.pt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_checkpoint_with_nonfinite_weights_is_refused_naming_the_layer(
+        command, folder_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def poison(model: dict) -> None:
+        model["head.weight"].view(-1)[0] = float("nan")
+
+    path = _doctored(folder_run, tmp_path, poison)
+    image = sorted((folder_run.parent / "data" / "images").iterdir())[0]
+    argv = (["--checkpoint", str(path), "--split", "val"] if command == "evaluate"
+            else ["--checkpoint", str(path), str(image), "--out", str(tmp_path / "p")])
+    code, _, err = run({"evaluate": evaluate.main, "predict": predict.main}[command], argv, capsys)
+    assert_usage_error(code, err, "non-finite weights in head.weight")
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda m: m.pop("head.bias"), "lacks head.bias"),
+    (lambda m: m.__setitem__("head.weight", torch.zeros(2, 4, 1, 1)), "head.weight has shape (2, 4, 1, 1)"),
+    (lambda m: m.__setitem__("extra.weight", torch.zeros(1)), "it has extra.weight"),
+], ids=["missing", "shape", "extra"])
+def test_weights_that_do_not_fit_name_the_first_mismatched_layer(
+        change, needle, folder_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _doctored(folder_run, tmp_path, change)
+    code, _, err = run(evaluate.main, ["--checkpoint", str(path), "--split", "val"], capsys)
+    assert_usage_error(code, err, "does not fit the model", needle)

@@ -39,12 +39,30 @@ def load_model(checkpoint: str | Path, device: torch.device,
     if backend is not None:
         config.backend = backend
     model = build_model(config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise UsageError(f"checkpoint {state['path']} does not fit the model its config describes "
-                         f"({str(error).splitlines()[0]})") from None
+    check_weights(state["model"], model.state_dict(), state["path"])
+    model.load_state_dict(state["model"])
     return to_device(model, device).eval(), config, state
+
+
+def check_weights(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str) -> None:
+    """UsageError naming the first layer where ``saved`` does not fit ``expected`` (missing, extra or of
+    another shape), or the first tensor holding NaN or inf: such a model would predict garbage."""
+    for name, want in expected.items():
+        if name not in saved:
+            raise UsageError(f"checkpoint {path} does not fit the model its config describes: it lacks {name} "
+                             f"{tuple(want.shape)}")
+        if tuple(saved[name].shape) != tuple(want.shape):
+            raise UsageError(f"checkpoint {path} does not fit the model its config describes: {name} has shape "
+                             f"{tuple(saved[name].shape)}, the model's is {tuple(want.shape)}")
+    extra = [name for name in saved if name not in expected]
+    if extra:
+        raise UsageError(f"checkpoint {path} does not fit the model its config describes: it has {extra[0]}, "
+                         f"which the model lacks ({len(extra)} such entries)")
+    for name, tensor in saved.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(f"checkpoint {path} holds non-finite weights in {name} "
+                             f"({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values); "
+                             "use an earlier checkpoint of the run")
 
 
 @torch.no_grad()
