@@ -7,6 +7,26 @@ from pathlib import Path
 from typing import IO, Callable
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``.<name>.<random>.tmp`` files an interrupted :func:`atomic_write` left directly in
+    ``folder`` (the real files are intact: the rename never happened); returns what was removed."""
+    removed = []
+    for leftover in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, durable: bool = True) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
 
@@ -17,8 +37,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, durable: boo
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        # mkstemp makes the file 0600; outputs are for sharing, so give them what open() would (umask)
+        if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
+            os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as file:
             write(file)
             if durable:

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
+from ..files import remove_stale_temporaries
 from ..losses import HybridLoss
 from ..metrics import METRICS, MetricAccumulator
 from ..nn import R2AttUNet
@@ -59,6 +60,10 @@ class Trainer:
         check_amp(config.amp, self.device)
         check_sync_bn(config, dist)
         self.log = RunLog(self.out, dist.is_main)
+        if dist.is_main:  # a run killed mid-write leaves its temporary beside the intact file
+            for folder in (self.out, self.out / CHECKPOINT_DIR):
+                if folder.is_dir():
+                    remove_stale_temporaries(folder)
         if config.amp != "off" and self.device.type == "cpu":
             self.log.say("note: bf16 autocast on CPU is correct but usually slower than fp32 unless the CPU has "
                          "AMX or AVX512-BF16; it is meant for CUDA")
