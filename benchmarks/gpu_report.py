@@ -1,4 +1,4 @@
-"""The one command to run on a GPU (DESIGN.md section 6).
+"""The one command to run on a GPU (docs/design.md section 4).
 
     PYTHONPATH=. python benchmarks/gpu_report.py --out benchmarks/results/<gpu>-<date>.json
 
@@ -148,7 +148,7 @@ def section_hybrid_loss(ctx: Context) -> dict:
                     if dtype in (torch.float64, torch.float32):
                         bound = (1e-9 if dtype == torch.float64 else 2e-5) * scale
                         ok, err = _max_err(f, r) <= bound, _max_err(f, r)
-                    else:  # DESIGN.md section 5 ratio rule
+                    else:  # the ratio rule, docs/design.md section 3
                         bound = 2 * _max_err(r, e) + 1e-6 * scale
                         ok, err = _max_err(f, e) <= bound, _max_err(f, e)
                     if not (ok and torch.isfinite(f).all() and f.dtype == r.dtype):

@@ -11,7 +11,7 @@ LOSSES: dict[str, tuple[float, float]] = {"hybrid": (0.5, 0.5), "bce": (0.0, 1.0
 
 
 class HybridLoss(nn.Module):
-    """``bce_weight * BCE(pos_weight) + dice_weight * (1 - Dice)`` of logits (DESIGN.md section 3).
+    """``bce_weight * BCE(pos_weight) + dice_weight * (1 - Dice)`` of logits (docs/design.md section 2).
 
     Shapes: logits and target (N, 1, H, W) -> 0-d tensor.
     """

@@ -1,6 +1,6 @@
 """Fused hybrid loss (Triton through the interpreter on CPU, C++) against the reference.
 
-DESIGN.md section 5: gradcheck in float64, parity for every option at shapes
+docs/design.md section 3: gradcheck in float64, parity for every option at shapes
 that are no multiple of any block size, any memory layout, NaN-poisoned
 output buffers, extreme logits, grad_output != 1, the bf16/fp16 ratio rule,
 autocast, dispatch and validation. CUDA-only cases are marked ``cuda``.

@@ -14,7 +14,7 @@ __all__ = ["hybrid_loss", "attention_gate", "available_backends", "BACKENDS", "B
 def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float = 0.5,
                 bce_weight: float = 0.5, pos_weight: float = 1.0, smooth: float = 1.0,
                 per_image: bool = True, backend: str = "auto") -> torch.Tensor:
-    """``bce_weight * BCE(pos_weight) + dice_weight * (1 - Dice)`` (DESIGN.md section 3).
+    """``bce_weight * BCE(pos_weight) + dice_weight * (1 - Dice)`` (docs/design.md section 2).
 
     Args:
         logits: (N, 1, H, W) float (fp32/bf16/fp16/fp64), any memory layout.
@@ -44,7 +44,7 @@ def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: tor
                    bias: torch.Tensor, w_psi: torch.Tensor, b_psi: torch.Tensor, *,
                    return_psi: bool = False,
                    backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Additive attention gate (DESIGN.md section 2), ``out = x * psi``.
+    """Additive attention gate (docs/design.md section 1), ``out = x * psi``.
 
     Args:
         x: (N, Cx, H, W) skip feature; g: (N, Cg, H, W) up-sampled decoder feature.

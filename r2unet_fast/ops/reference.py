@@ -58,7 +58,7 @@ def loss_from_sums(sums: torch.Tensor, numel: int, *, dice_weight: float, bce_we
 def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float = 0.5,
                 bce_weight: float = 0.5, pos_weight: float = 1.0, smooth: float = 1.0,
                 per_image: bool = True) -> torch.Tensor:
-    """Dice + weighted BCE of DESIGN.md section 3, stable in logits.
+    """Dice + weighted BCE of docs/design.md section 2, stable in logits.
 
     Args:
         logits: (N, 1, H, W) (any (N, ...) works), float.
