@@ -8,16 +8,18 @@
 // pixels of one image. Each chunk, in its own thread:
 //   forward:  a (F x len) = bias + W_x x_c, += W_g g_c    (two single-threaded GEMMs)
 //             one pass: relu, dot with w_psi, + b_psi, sigmoid -> psi; out = x * psi
-//   backward: a recomputed as above (nothing but the inputs is saved), then one pass:
+//   backward: a read back from the forward's kept buffer (or recomputed as above when
+//             there is none), then one pass:
 //             psi again; dpsi = sum_c grad_out_c x_c + grad_psi; dx = grad_out * psi;
 //             dq = dpsi psi (1 - psi); da = dq w_psi where a > 0, written over a;
 //             partial sums of da, dq * relu(a) and dq;
 //             then GEMMs: dx += W_x^T da, dg = W_g^T da, and the chunk's partial
 //             dW_x = da x_c^T, dW_g = da g_c^T.
 // The partials are reduced in chunk order (in double), so every result is
-// independent of the thread count; a never exists for more than one chunk per
-// thread, so the forward and backward read x and g once and write nothing of size
-// M x F to memory.
+// independent of the thread count. Between the passes the only M x F tensor is the
+// kept copy of a: on 2 CPU cores the GEMMs decide the time, and reading a back costs
+// less than the two GEMMs that would recompute it. The per-pixel passes live in
+// csrc/attention_gate_pointwise.h.
 //
 // Layouts: a chunk of an NCHW image is the (C, len) matrix at row stride HW; of a
 // channels_last image it is the transposed (len, C) block of the pixel-major
@@ -28,6 +30,7 @@
 // select, so a NaN dq where a <= 0 gives 0 there, as the reference does.
 
 #include "attention_gate.h"
+#include "attention_gate_pointwise.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,114 +46,10 @@
 #include <optional>
 #include <vector>
 
-// As in csrc/hybrid_loss.cpp: the loops are compiled for AVX-512, AVX2 and the
-// baseline ISA, and the CPU picks one at load time.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
-#define R2UNET_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define R2UNET_VECTOR_CLONES
-#endif
-
 namespace r2unet_fast {
 namespace {
 
-// Pixels per work item: the GEMMs of one chunk (F x kChunk x C) are big enough
-// to run near peak on one core, and a (F x kChunk) stays in L2 between them and
-// the pointwise pass. Results depend on it (it fixes the summation order).
-constexpr int64_t kChunk = 2048;
-// Pixels per block of the pointwise pass: its per-pixel temporaries stay in L1,
-// and the float lane sums are flushed into double after every block.
-constexpr int64_t kBlock = 256;
-
-// Float: relu, its mask and exp(-|x|) by bit patterns and integer compares, so the
-// loops vectorise (GCC does not if-convert floating-point compares that may trap
-// under the default -ftrapping-math). Double keeps plain compares and libm: it
-// serves gradcheck, not speed.
-template <typename T>
-struct Math;
-
-template <>
-struct Math<float> {
-  static inline int32_t bits(float f) {
-    int32_t i;
-    std::memcpy(&i, &f, sizeof(i));
-    return i;
-  }
-  static inline float from_bits(int32_t i) {
-    float f;
-    std::memcpy(&f, &i, sizeof(f));
-    return f;
-  }
-  // all ones where x is NaN, else 0
-  static inline int32_t nan_mask(int32_t i) { return (0x7f800000 - (i & 0x7fffffff)) >> 31; }
-  // torch.relu: 0 for x < 0, x otherwise, NaN included (a NaN may carry the sign bit)
-  static inline float relu(float x) {
-    const int32_t i = bits(x);
-    const int32_t zero = (i >> 31) & ~nan_mask(i);
-    return from_bits(i & ~zero);
-  }
-  // threshold_backward: 0 where x <= 0, else v (NaN x passes v)
-  static inline float relu_grad(float x, float v) {
-    const int32_t i = bits(x);
-    const int32_t zero = -static_cast<int32_t>(i <= 0) & ~nan_mask(i);
-    return from_bits(bits(v) & ~zero);
-  }
-  // a where x has its sign bit set, else b
-  static inline float if_neg(float x, float a, float b) {
-    const int32_t m = bits(x) >> 31;
-    return from_bits((bits(a) & m) | (bits(b) & ~m));
-  }
-  // exp(-|x|), csrc/hybrid_loss.cpp's: |x| clamped to 87 by its bit pattern
-  // (exp(-87) ~ 1.6e-38 stands for anything smaller), NaN put back after the clamp
-  static inline float exp_neg_abs(float x) {
-    constexpr int32_t kBits87 = 0x42ae0000;
-    const int32_t a = bits(x) & 0x7fffffff;
-    const int32_t is_nan = nan_mask(a);
-    const float y = -from_bits(a < kBits87 ? a : kBits87);
-    const int32_t n = static_cast<int32_t>(y * 1.44269504088896341f - 0.5f);
-    const float fn = static_cast<float>(n);
-    const float r = (y - fn * 0.693359375f) + fn * 2.12194440e-4f;
-    float poly = 1.9875691500e-4f;
-    poly = poly * r + 1.3981999507e-3f;
-    poly = poly * r + 8.3334519073e-3f;
-    poly = poly * r + 4.1665795894e-2f;
-    poly = poly * r + 1.6666665459e-1f;
-    poly = poly * r + 5.0000001201e-1f;
-    poly = poly * r * r + r + 1.0f;
-    const float e = poly * from_bits((n + 127) << 23);
-    return from_bits((bits(e) & ~is_nan) | (a & is_nan));
-  }
-};
-
-template <>
-struct Math<double> {
-  static inline double relu(double x) { return x < 0.0 ? 0.0 : x; }
-  static inline double relu_grad(double x, double v) { return x <= 0.0 ? 0.0 : v; }
-  static inline double if_neg(double x, double a, double b) { return std::signbit(x) ? a : b; }
-  static inline double exp_neg_abs(double x) { return std::exp(-std::abs(x)); }
-};
-
-// sigmoid(z) and 1 - sigmoid(z), each without cancellation; NaN for NaN
-template <typename T>
-inline void sigmoid_pair(T z, T& p, T& q) {
-  const T e = Math<T>::exp_neg_abs(z);
-  const T r = T(1) / (T(1) + e);
-  p = Math<T>::if_neg(z, e * r, r);
-  q = Math<T>::if_neg(z, r, e * r);
-}
-
-// Sizes, and where channel c of pixel j of a chunk lies: base + c * cs + j * ps.
-struct Dims {
-  int64_t n, cx, cg, f, hw;
-  bool channels_last;
-  int64_t channel_stride() const { return channels_last ? 1 : hw; }
-  int64_t pixel_stride(int64_t c) const { return channels_last ? c : 1; }
-  int64_t offset(int64_t c, int64_t image, int64_t start) const {
-    return channels_last ? (image * hw + start) * c : image * c * hw + start;
-  }
-  int64_t chunks_per_image() const { return (hw + kChunk - 1) / kChunk; }
-  int64_t items() const { return n * chunks_per_image(); }
-};
+using namespace gate;
 
 template <typename T>
 at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
@@ -195,143 +94,6 @@ void preactivation(const Dims& d, const Weights<T>& w, const T* x, const T* g, i
   at::Tensor a_t = matrix(a, d.f, len, len, 1);
   at::cpu::addmm_out(a_t, matrix(w.bias_data, d.f, len, 1, 0), w.w_x, chunk_matrix(d, x, d.cx, image, start, len));
   at::cpu::addmm_out(a_t, a_t, w.w_g, chunk_matrix(d, g, d.cg, image, start, len));
-}
-
-// z[j] = b_psi + sum_f w_psi[f] relu(a[f, j]) for the m pixels of a block; a has row stride lda
-template <typename T>
-inline void gate_logits(const T* a, int64_t lda, int64_t f_count, int64_t m, const T* w_psi, T b_psi, T* z) {
-  for (int64_t j = 0; j < m; ++j) {
-    z[j] = b_psi;
-  }
-  for (int64_t f = 0; f < f_count; ++f) {
-    const T wf = w_psi[f];
-    const T* af = a + f * lda;
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) {
-      z[j] += wf * Math<T>::relu(af[j]);
-    }
-  }
-}
-
-// The forward's pointwise pass over one chunk: psi (len) and out = x * psi.
-// x and out point at the chunk (d.offset); a is (F, len) contiguous.
-template <typename T, bool kChannelsLast>
-R2UNET_VECTOR_CLONES void fwd_chunk(const Dims& d, const T* a, int64_t len, const T* w_psi, T b_psi, const T* x,
-                                    T* out, T* psi) {
-  const int64_t hw = d.hw, cx = d.cx;
-  T p[kBlock], z[kBlock];
-  for (int64_t b = 0; b < len; b += kBlock) {
-    const int64_t m = std::min(kBlock, len - b);
-    gate_logits(a + b, len, d.f, m, w_psi, b_psi, z);
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) {
-      T pj, qj;
-      sigmoid_pair(z[j], pj, qj);
-      p[j] = pj;
-      psi[b + j] = pj;
-    }
-    if constexpr (kChannelsLast) {
-      for (int64_t j = 0; j < m; ++j) {
-        const T* xj = x + (b + j) * cx;
-        T* oj = out + (b + j) * cx;
-        const T pj = p[j];
-#pragma omp simd
-        for (int64_t c = 0; c < cx; ++c) {
-          oj[c] = xj[c] * pj;
-        }
-      }
-    } else {
-      for (int64_t c = 0; c < cx; ++c) {
-        const T* xc = x + c * hw + b;
-        T* oc = out + c * hw + b;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          oc[j] = xc[j] * p[j];
-        }
-      }
-    }
-  }
-}
-
-// Partial sums of one chunk: dbias (F), dw_psi (F), db_psi (1).
-inline int64_t num_partials(int64_t f) { return 2 * f + 1; }
-
-// The backward's pointwise pass over one chunk: writes dx = grad_out * psi, overwrites a
-// (F, len) with da, and adds the chunk's sums of da, dq * relu(a) and dq into partial.
-// gp: grad_psi at the chunk, or nullptr.
-template <typename T, bool kChannelsLast>
-R2UNET_VECTOR_CLONES void bwd_chunk(const Dims& d, T* a, int64_t len, const T* w_psi, T b_psi, const T* x,
-                                    const T* go, const T* gp, T* dx, double* partial) {
-  const int64_t hw = d.hw, cx = d.cx, f_count = d.f;
-  double* p_bias = partial;
-  double* p_wpsi = partial + f_count;
-  double* p_bpsi = partial + 2 * f_count;
-  T p[kBlock], q[kBlock], dq[kBlock];
-  for (int64_t b = 0; b < len; b += kBlock) {
-    const int64_t m = std::min(kBlock, len - b);
-    gate_logits(a + b, len, f_count, m, w_psi, b_psi, dq);
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) {
-      T pj, qj;
-      sigmoid_pair(dq[j], pj, qj);
-      p[j] = pj;
-      q[j] = qj;
-    }
-    // dq holds dpsi until it is scaled below
-    if (gp != nullptr) {
-      std::copy(gp + b, gp + b + m, dq);
-    } else {
-      std::fill(dq, dq + m, T(0));
-    }
-    if constexpr (kChannelsLast) {
-      for (int64_t j = 0; j < m; ++j) {
-        const T* xj = x + (b + j) * cx;
-        const T* gj = go + (b + j) * cx;
-        T* dj = dx + (b + j) * cx;
-        const T pj = p[j];
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < cx; ++c) {
-          s += gj[c] * xj[c];
-          dj[c] = gj[c] * pj;
-        }
-        dq[j] += s;
-      }
-    } else {
-      for (int64_t c = 0; c < cx; ++c) {
-        const T* xc = x + c * hw + b;
-        const T* gc = go + c * hw + b;
-        T* dc = dx + c * hw + b;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) {
-          dq[j] += gc[j] * xc[j];
-          dc[j] = gc[j] * p[j];
-        }
-      }
-    }
-    T s_bpsi = 0;
-#pragma omp simd reduction(+ : s_bpsi)
-    for (int64_t j = 0; j < m; ++j) {
-      dq[j] = dq[j] * p[j] * q[j];
-      s_bpsi += dq[j];
-    }
-    *p_bpsi += s_bpsi;
-    for (int64_t f = 0; f < f_count; ++f) {
-      const T wf = w_psi[f];
-      T* af = a + f * len + b;
-      T s_wpsi = 0, s_bias = 0;
-#pragma omp simd reduction(+ : s_wpsi, s_bias)
-      for (int64_t j = 0; j < m; ++j) {
-        const T av = af[j];
-        s_wpsi += dq[j] * Math<T>::relu(av);
-        const T da = Math<T>::relu_grad(av, dq[j] * wf);
-        s_bias += da;
-        af[j] = da;
-      }
-      p_wpsi[f] += s_wpsi;
-      p_bias[f] += s_bias;
-    }
-  }
 }
 
 // Calls fn(item, image, start, len, a) for every chunk, in parallel; a is a
