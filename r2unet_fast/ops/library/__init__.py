@@ -9,6 +9,7 @@ docs/kernels.md walks through the layers.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable
 
@@ -37,3 +38,32 @@ def define(name: str, backend: str, fn: Callable, fake: Callable):
     op = torch.library.custom_op(qualname, fn, mutates_args=(), device_types=_DEVICE_TYPES[backend])
     op.register_fake(fake)
     return op
+
+
+def define_with_autograd(name: str, backend: str, fwd: Callable, fake_fwd: Callable, bwd: Callable,
+                         fake_bwd: Callable, backward: Callable[[Callable], Callable], setup_context: Callable):
+    """Define ``r2unet_fast::<name>`` and ``..._bwd`` (:func:`define`) and connect them for autograd:
+    ``backward(bwd_op)`` returns the forward op's backward formula. Returns the forward op."""
+    fwd_op = define(name, backend, fwd, fake_fwd)
+    bwd_op = define(f"{name}_bwd", backend, bwd, fake_bwd)
+    fwd_op.register_autograd(backward(bwd_op), setup_context=setup_context)
+    return fwd_op
+
+
+@torch.compiler.assume_constant_result
+def ready(op: str, backend: str) -> bool:
+    """Register ``op``'s operators for ``backend`` on first use (its module's ``register``).
+
+    Strings in, a constant out: dynamo runs it once while tracing and keeps True, so the import
+    of triton or the C++ extension and the registration never reach the graph.
+    """
+    importlib.import_module(f"{__name__}.{op}").register(backend)
+    return True
+
+
+def dense_layout(t: torch.Tensor) -> torch.memory_format:
+    """A memory format ``t`` already has that keeps each image one dense block: channels_last when
+    ``t`` is 4-D, channels_last and not also plainly contiguous; else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

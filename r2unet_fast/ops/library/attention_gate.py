@@ -21,7 +21,7 @@ import importlib
 import torch
 
 from ..reference import compute_dtype
-from . import NAMESPACE, define
+from . import NAMESPACE, define, define_with_autograd, dense_layout, ready
 
 _LAUNCHERS: dict[str, str] = {"triton": "r2unet_fast.ops.triton.attention_gate", "cpu": "r2unet_fast.ops.cpu"}
 # backends whose forward keeps the pre-activation for backward (a third output)
@@ -77,7 +77,7 @@ def _backward_through(bwd_op):
         if grad_out is None and grad_psi is None:
             return (None,) * _NUM_INPUTS
         x, g, *rest = ctx.saved_tensors  # the 5 weights, then the kept buffer if any
-        fmt = _layout(x)
+        fmt = dense_layout(x)
         grad_out = torch.zeros_like(x) if grad_out is None else grad_out.contiguous(memory_format=fmt).to(x.dtype)
         grad_psi = x.new_empty(0) if grad_psi is None else grad_psi.contiguous().to(x.dtype)
         grads = bwd_op(x, g, *rest, grad_out, grad_psi)
@@ -92,34 +92,19 @@ def register(backend: str) -> None:
     launchers = importlib.import_module(_LAUNCHERS[backend])
     if backend in _KEEPS:
         define(op_name(backend, inference=True), backend, launchers.attention_gate_fwd, _fake_fwd)
-        fwd = define(op_name(backend), backend, launchers.attention_gate_fwd_kept, _fake_fwd_kept)
-        bwd = define(op_name(backend, backward=True), backend, launchers.attention_gate_bwd_kept, _fake_bwd_kept)
+        define_with_autograd(op_name(backend), backend, launchers.attention_gate_fwd_kept, _fake_fwd_kept,
+                             launchers.attention_gate_bwd_kept, _fake_bwd_kept, _backward_through, _setup_context)
     else:
-        fwd = define(op_name(backend), backend, launchers.attention_gate_fwd, _fake_fwd)
-        bwd = define(op_name(backend, backward=True), backend, launchers.attention_gate_bwd, _fake_bwd)
-    fwd.register_autograd(_backward_through(bwd), setup_context=_setup_context)
+        define_with_autograd(op_name(backend), backend, launchers.attention_gate_fwd, _fake_fwd,
+                             launchers.attention_gate_bwd, _fake_bwd, _backward_through, _setup_context)
     _REGISTERED.add(backend)
-
-
-@torch.compiler.assume_constant_result
-def _ready(backend: str) -> bool:
-    # dynamo runs this once while tracing and keeps True: registration never reaches the graph
-    register(backend)
-    return True
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x`` is (and is not also plainly contiguous), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def prepare_inputs(x: torch.Tensor, g: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x and g in one memory format (x's, if it is contiguous or channels_last), the weights
     flat-contiguous in the compute dtype (float32; float64 for float64 x), copying only what
     must change."""
-    fmt = _layout(x)
+    fmt = dense_layout(x)
     dtype = compute_dtype(x)
     return (x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt),
             *(w.to(dtype).contiguous() for w in weights))
@@ -128,7 +113,7 @@ def prepare_inputs(x: torch.Tensor, g: torch.Tensor, *weights: torch.Tensor) -> 
 def _attention_gate(backend: str, x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Tensor,
                     bias: torch.Tensor, w_psi: torch.Tensor, b_psi: torch.Tensor,
                     return_psi: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    _ready(backend)
+    ready("attention_gate", backend)
     inputs = prepare_inputs(x, g, w_x, w_g, bias, w_psi, b_psi)
     # without autograd (evaluation, prediction) nothing needs keeping for a backward
     inference = backend in _KEEPS and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))

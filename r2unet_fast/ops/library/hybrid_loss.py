@@ -9,7 +9,7 @@ grad_target)``, which scales it by ``grad_loss`` on the device: no host sync any
 :func:`hybrid_loss_triton` and :func:`hybrid_loss_cpu` take the reference's signature and are
 what :mod:`r2unet_fast.ops.dispatch` runs. They are plain traceable Python: torch.compile
 records one op call, and the only untraceable step, registering the ops on first use, is
-a constant to dynamo (:func:`_ready`).
+a constant to dynamo (:func:`r2unet_fast.ops.library.ready`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import importlib
 import torch
 
 from ..reference import compute_dtype
-from . import NAMESPACE, define
+from . import NAMESPACE, define_with_autograd, dense_layout, ready
 
 NUM_SUMS = 5
 _LAUNCHERS: dict[str, str] = {"triton": "r2unet_fast.ops.triton.hybrid_loss", "cpu": "r2unet_fast.ops.cpu"}
@@ -66,25 +66,9 @@ def register(backend: str) -> None:
     if backend in _REGISTERED:
         return
     launchers = importlib.import_module(_LAUNCHERS[backend])
-    fwd = define(op_name(backend), backend, launchers.hybrid_loss_fwd, _fake_fwd)
-    bwd = define(op_name(backend, backward=True), backend, launchers.hybrid_loss_bwd, _fake_bwd)
-    fwd.register_autograd(_backward_through(bwd), setup_context=_setup_context)
+    define_with_autograd(op_name(backend), backend, launchers.hybrid_loss_fwd, _fake_fwd, launchers.hybrid_loss_bwd,
+                         _fake_bwd, _backward_through, _setup_context)
     _REGISTERED.add(backend)
-
-
-@torch.compiler.assume_constant_result
-def _ready(backend: str) -> bool:
-    # dynamo runs this once while tracing and keeps True, so the import and registration
-    # inside never reach the graph
-    register(backend)
-    return True
-
-
-def _kernel_layout(t: torch.Tensor) -> torch.memory_format:
-    """A memory format ``t`` already has that keeps each image one dense block."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def prepare_inputs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +82,7 @@ def prepare_inputs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
     does). Copies are ordinary autograd ops, so gradients flow back to the
     caller's tensors in their own layout.
     """
-    fmt = _kernel_layout(logits)
+    fmt = dense_layout(logits)
     x = logits.contiguous(memory_format=fmt)
     compute = compute_dtype(logits)
     if target.dtype not in (logits.dtype, compute):
@@ -108,7 +92,7 @@ def prepare_inputs(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
 
 def _hybrid_loss(backend: str, logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float,
                  bce_weight: float, pos_weight: float, smooth: float, per_image: bool) -> torch.Tensor:
-    _ready(backend)
+    ready("hybrid_loss", backend)
     x, t = prepare_inputs(logits, target)
     op = getattr(getattr(torch.ops, NAMESPACE), op_name(backend))
     loss, _ = op(x, t, float(pos_weight), float(dice_weight), float(bce_weight), float(smooth), bool(per_image))
