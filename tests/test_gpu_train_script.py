@@ -13,7 +13,7 @@ from train_support import REPO, python, subprocess_env
 
 sys.path.insert(0, str(REPO))  # the benchmarks package lives beside the tests, not in the installed package
 
-from benchmarks import gpu_train, make_table  # noqa: E402
+from benchmarks import gpu_train, make_table, train_runs  # noqa: E402
 from r2unet_fast.data.base import Sample  # noqa: E402
 from r2unet_fast.data.splits import seeded_split  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_gpu_short_name(name: str, short: str) -> None:
 
 @pytest.mark.parametrize("train", [4, 128, 256, 250])
 def test_folder_size_gives_exactly_the_training_images(train: int) -> None:
-    n = gpu_train.folder_size_for(train)
+    n = train_runs.folder_size_for(train)
     samples = [Sample(f"s{i:04d}", Path(f"{i}.png"), None) for i in range(n)]
     assert len(seeded_split(samples, 0, Path("."))["train"]) == train
 
