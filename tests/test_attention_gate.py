@@ -6,11 +6,11 @@ and both layouts, poisoned outputs, NaN, the bf16/fp16 ratio rule, autocast, reg
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 from backend_cases import cases
+from poison import poisoned_allocations
 
 from r2unet_fast import ops
 from r2unet_fast.ops import reference
@@ -92,20 +92,10 @@ def test_mixed_layouts_and_views(backend):
                   _outputs_and_grads(reference.attention_gate, *views, weights), TOL[torch.float64])
 
 
-@contextlib.contextmanager
-def _poisoned_allocations(monkeypatch):
-    """torch.empty / empty_like hand out NaN, so any output element a kernel skips shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-        m.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
-        yield
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_buffers_are_fully_written(backend, monkeypatch):
     x, g, weights = _inputs(n=2, cx=6, cg=3, f=5, h=11, w=7, dtype=torch.float32, device=backend.device)
-    with _poisoned_allocations(monkeypatch):
+    with poisoned_allocations(monkeypatch):
         got = _outputs_and_grads(_fast(backend), x, g, weights)
     _assert_close(got, _outputs_and_grads(reference.attention_gate, x, g, weights), TOL[torch.float32])
 

@@ -7,10 +7,10 @@ output buffers, bitwise across thread counts, and refuse bad inputs in C++.
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
+from poison import poisoned_allocations
 
 from r2unet_fast.ops import reference
 from r2unet_fast.ops.dispatch import _cpu_import_reason
@@ -184,26 +184,12 @@ def test_nan_weights_give_the_references_nans(which):
     _assert_same_nans(_fast(x, g, weights, go, gp), want, 1e-12)
 
 
-@contextlib.contextmanager
-def _poisoned_allocations(monkeypatch):
-    """torch.empty / torch.empty_like hand out NaN, so any output element a kernel skips shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
-        m.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
-        yield
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("with_grad_psi", [True, False], ids=["grad_psi", "no_grad_psi"])
 def test_output_buffers_are_fully_written(fmt, with_grad_psi, monkeypatch):
     x, g, weights, go, gp = _inputs(dtype=torch.float32, fmt=fmt, h=47, w=53)
     gp = gp if with_grad_psi else None
-    with _poisoned_allocations(monkeypatch):
+    with poisoned_allocations(monkeypatch):
         assert torch.isnan(torch.empty(2)).all()
         got = _fast(x, g, weights, go, gp)
     _assert_close(got, _reference(x.double(), g.double(), [w.double() for w in weights], go.double(),

@@ -6,10 +6,10 @@ tensors where a GPU exists. The ground truth is torch autograd through
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
+from poison import poisoned_allocations
 
 from r2unet_fast.ops import reference
 from r2unet_fast.ops.dispatch import available_backends
@@ -164,25 +164,11 @@ def test_tile_loop_beyond_the_grid_cap(monkeypatch):
     _assert_all_close(_fast(x, g, weights, go, gp), _reference(x, g, weights, go, gp), *TOL[PRECISE])
 
 
-@contextlib.contextmanager
-def _poisoned_allocations(monkeypatch):
-    """torch.empty / torch.empty_like hand out NaN, so any output element a kernel skips shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
-        m.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
-        yield
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_output_buffers_are_fully_written(channels_last, monkeypatch):
     x, g, weights = _inputs(dtype=torch.float32, cx=40, cg=7, f=70, channels_last=channels_last)
     go, gp = _cotangents(x)
-    with _poisoned_allocations(monkeypatch):
+    with poisoned_allocations(monkeypatch):
         assert torch.isnan(torch.empty(2, device=DEVICE)).all()
         got = _fast(x, g, weights, go, gp)
     _assert_all_close(got, _reference(x, g, weights, go, gp), 1e-4, 1e-5)

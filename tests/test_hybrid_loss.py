@@ -7,12 +7,12 @@ autocast, dispatch and validation. CUDA-only cases are marked ``cuda``.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import pytest
 import torch
 from backend_cases import TRITON_DEVICE, Case, cases
+from poison import poisoned_allocations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,30 +171,10 @@ def test_target_in_another_dtype(backend):
     _assert_matches_reference(backend, logits.bfloat16(), target.float(), tol=1e-2)
 
 
-@contextlib.contextmanager
-def _poisoned_allocations(monkeypatch):
-    """torch.empty / torch.empty_like hand out NaN, so any output element a kernel skips shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t  # e.g. Triton's int cache-flush buffer
-
-    def nan_empty(*args, **kwargs):
-        return poisoned(empty(*args, **kwargs))
-
-    def nan_empty_like(*args, **kwargs):
-        return poisoned(empty_like(*args, **kwargs))
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", nan_empty)
-        m.setattr(torch, "empty_like", nan_empty_like)
-        yield
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_buffers_are_fully_written(backend, monkeypatch):
     logits, target = _inputs((3, 1, 37, 29), torch.float32, device=backend.device)
-    with _poisoned_allocations(monkeypatch):
+    with poisoned_allocations(monkeypatch):
         assert torch.isnan(torch.empty(2, device=backend.device)).all()
         got = _loss_and_grads(FAST[backend.name], logits, target, per_image=False)
     want = _loss_and_grads(reference.hybrid_loss, logits, target, per_image=False)
