@@ -41,8 +41,9 @@ report=benchmarks/results/$gpu-$(date -u +%Y-%m-%d).json
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 
 # Stage caps in seconds keep the whole command inside one device call; 0 skips a stage (to rerun one).
+# TESTS, REPORT_ARGS and TRAIN_ARGS are split on spaces; a -k expression goes in PYTEST_ADDOPTS.
 TESTS_S=${TESTS_S:-110} REPORT_S=${REPORT_S:-140} TRAIN_S=${TRAIN_S:-300}
-TESTS=${TESTS:-tests/} TRAIN_ARGS=${TRAIN_ARGS:-}
+TESTS=${TESTS:-tests/} REPORT_ARGS=${REPORT_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-}
 
 stage() {  # stage NAME CAP_S COMMAND...: run COMMAND under timeout, log to $logs/gpu-NAME.log, echo its status
     local name=$1 cap=$2
@@ -53,8 +54,10 @@ stage() {  # stage NAME CAP_S COMMAND...: run COMMAND under timeout, log to $log
 }
 
 xdist=${XDIST-$($PY -c "import xdist" 2>/dev/null && echo "-n 8")}
-tests_rc=$(stage pytest "$TESTS_S" $PY -m pytest -q -rs $xdist -p no:cacheprovider $TESTS)
-report_rc=$(stage report "$REPORT_S" $PY benchmarks/gpu_report.py --out "$report")
+# each failure is written to gpu-failures.txt as it happens: a session killed at its cap names them too
+tests_rc=$(LIVE_FAILURES=$logs/gpu-failures.txt stage pytest "$TESTS_S" \
+    $PY -m pytest -q -rs $xdist -p benchmarks.live_failures -p no:cacheprovider $TESTS)
+report_rc=$(stage report "$REPORT_S" $PY benchmarks/gpu_report.py --out "$report" $REPORT_ARGS)
 [ -n "${OUT:-}" ] && [ -f "$report" ] && cp "$report" "$OUT/"
 # the training step end to end; its own budget leaves 20 s to write its results
 train_rc=$(stage train "$TRAIN_S" $PY benchmarks/gpu_train.py --budget-s $((TRAIN_S - 20)) $TRAIN_ARGS)

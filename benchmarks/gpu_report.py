@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,8 @@ class Context:
     device: torch.device
     smoke: bool
     copy_gbps: float = 0.0
+    started: float = field(default_factory=time.time)
+    pending: list["Timing"] = field(default_factory=list)  # rows of the section in progress
 
     def bench_ms(self, fn: Callable[[], object]) -> float:
         """Median milliseconds of ``fn``."""
@@ -48,6 +51,19 @@ class Context:
         from triton.testing import do_bench
 
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+    def report_checks(self, op: str, checks: int, failures: list[str]) -> None:
+        """Print the outcome of ``op``'s checks; the section goes on to its timings either way."""
+        print(f"  [{time.time() - self.started:.0f} s] {op}: {checks - len(failures)} of {checks} checks passed",
+              flush=True)
+        if failures:
+            print(f"FAILED: Triton {op} disagrees with the reference:\n  " + "\n  ".join(failures), flush=True)
+
+    def emit(self, row: "Timing") -> None:
+        """Print one measured row at once: a call killed at its cap still shows what it measured."""
+        self.pending.append(row)
+        ms = ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in row.ms.items())
+        print(f"  [{time.time() - self.started:.0f} s] {row.op} {row.pass_} {row.dtype} {row.shape}: {ms}", flush=True)
 
 
 @dataclass
@@ -153,9 +169,8 @@ def section_hybrid_loss(ctx: Context) -> dict:
                         ok, err = _max_err(f, e) <= bound, _max_err(f, e)
                     if not (ok and torch.isfinite(f).all() and f.dtype == r.dtype):
                         failures.append(f"hybrid_loss {name} {tuple(shape)} {dtype} {opt}: err {err:.3g} > {bound:.3g}")
-    if failures:
-        raise AssertionError("Triton hybrid_loss disagrees with the reference:\n  " + "\n  ".join(failures))
-    print(f"hybrid_loss: {len(shapes) * len(options) * 4} shape/option/dtype checks passed", flush=True)
+    checks = len(shapes) * len(options) * 4 * 3
+    ctx.report_checks("hybrid_loss", checks, failures)
 
     shape = (2, 1, 64, 64) if ctx.smoke else (16, 1, 256, 256)
     compiled, compile_note = (None, "skipped in --cpu-smoke") if ctx.smoke else _compile_or_reason(
@@ -181,7 +196,8 @@ def section_hybrid_loss(ctx: Context) -> dict:
                 except Exception as e:  # only compile is expected to fail; keep the others' numbers
                     row.ms[impl], row.notes[impl] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             timings.append(row)
-    return {"name": "hybrid_loss", "checks_passed": True, "timings": timings,
+            ctx.emit(row)
+    return {"name": "hybrid_loss", "checks_passed": not failures, "check_failures": failures, "timings": timings,
             "autotune_winners": kernels.tuned_configs()}
 
 
@@ -191,8 +207,15 @@ def section_attention_gate(ctx: Context) -> dict:
     return section(ctx)
 
 
-# Each op's section returns {"name", "timings", ...}; later ops append theirs.
-SECTIONS: list[Callable[[Context], dict]] = [section_hybrid_loss, section_attention_gate]
+# Each op's section returns {"name", "timings", ...}; later ops add theirs.
+SECTIONS: dict[str, Callable[[Context], dict]] = {"hybrid_loss": section_hybrid_loss,
+                                                  "attention_gate": section_attention_gate}
+
+
+def _write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def _git_commit() -> str:
@@ -232,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON path, e.g. benchmarks/results/h100-2025-01-31.json")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run on CPU through the Triton interpreter at toy sizes (tests the script, not speed)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, in this order (default: all, {','.join(SECTIONS)})")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.sections.split(",") if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif not torch.cuda.is_available():
@@ -246,32 +274,46 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     ctx.copy_gbps = copy_bandwidth_gbps(ctx)
     print(f"device-to-device copy: {ctx.copy_gbps:.0f} GB/s", flush=True)
-    sections = []
-    for section in SECTIONS:
-        try:
-            sections.append(section(ctx))
-        except AssertionError as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            return 1
-    timings = [t for s in sections for t in s["timings"]]
-    for s in sections:
-        for kernel, winners in s.get("autotune_winners", {}).items():
-            for w in winners:
-                print(f"autotune winner {s['name']}: TUNED_TILES[{w['key']!r}] = {w['tile']}")
     report = {
         "kind": "gpu_report",
         "gpu": "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(ctx.device),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "git_commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "copy_gbps": ctx.copy_gbps, "seconds": round(time.time() - started, 1),
-        "sections": [{**s, "timings": [asdict(t) for t in s["timings"]]} for s in sections],
+        "copy_gbps": ctx.copy_gbps, "seconds": 0.0, "sections": [],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    sections: list[dict] = []
+
+    def save(partial: str | None = None) -> None:
+        report["seconds"] = round(time.time() - started, 1)
+        report["sections"] = [{**s, "timings": [asdict(t) for t in s["timings"]]} for s in sections]
+        if partial and ctx.pending:  # killed mid-section: keep its measured rows, marked as such
+            report["sections"].append({"name": partial, "partial": True, "checks_passed": None,
+                                       "timings": [asdict(t) for t in ctx.pending]})
+        _write_json(args.out, report)
+
+    # gpu_check.sh's stage cap sends SIGTERM: leave through `finally`, which saves what was measured
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    name = None
+    try:
+        for name in args.sections.split(","):
+            ctx.pending = []
+            sections.append(SECTIONS[name](ctx))
+            save()
+        name = None
+    finally:
+        if name is not None:
+            save(partial=name)
+    timings = [t for s in sections for t in s["timings"]]
+    for s in sections:
+        for kernel, winners in s.get("autotune_winners", {}).items():
+            for w in winners:
+                print(f"autotune winner {s['name']}: TUNED_TILES[{w['key']!r}] = {w['tile']}")
     print(f"wrote {args.out} ({report['seconds']} s)\n")
     print(table(timings, ctx.copy_gbps))
-    return 0
+    failed = [s["name"] for s in sections if not s["checks_passed"]]
+    if failed:
+        print(f"FAILED checks: {', '.join(failed)} (above); the timings of a failed op are not results", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ def _outputs_and_grads(fn: Callable, x: torch.Tensor, g: torch.Tensor, weights: 
     return [out.detach(), psi.detach()] + [t.grad for t in leaves]
 
 
-def check(ctx, shapes: list[tuple[int, int, int, int, int, int]]) -> int:
-    """Compare the Triton gate with the float64 reference; raise AssertionError listing every mismatch."""
+def check(ctx, shapes: list[tuple[int, int, int, int, int, int]]) -> tuple[int, list[str]]:
+    """Compare the Triton gate with the float64 reference: (checks made, one line per mismatch)."""
     from r2unet_fast.ops import reference
     from r2unet_fast.ops.library.attention_gate import attention_gate_triton
 
@@ -41,8 +41,14 @@ def check(ctx, shapes: list[tuple[int, int, int, int, int, int]]) -> int:
             for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
                 lo = (x.to(dtype).contiguous(memory_format=layout), g.to(dtype).contiguous(memory_format=layout),
                       [wt.to(dtype) for wt in weights])
-                fast = _outputs_and_grads(attention_gate_triton, *lo)
                 ref = _outputs_and_grads(reference.attention_gate, *lo)
+                try:
+                    fast = _outputs_and_grads(attention_gate_triton, *lo)
+                except Exception as e:  # a kernel that does not compile is one failure, not the end of the call
+                    checks += 1
+                    failures.append(f"attention_gate {(n, cx, cg, f, h, w)} {dtype} {layout}: "
+                                    f"{type(e).__name__}: {str(e)[:600]}")
+                    continue
                 for name, a, r, e in zip(NAMES, fast, ref, exact):
                     scale = e.abs().max().item() or 1.0
                     if dtype in (torch.float64, torch.float32):
@@ -56,9 +62,7 @@ def check(ctx, shapes: list[tuple[int, int, int, int, int, int]]) -> int:
                     if not (err <= bound and a.dtype == r.dtype and torch.isfinite(a).all()):
                         failures.append(f"attention_gate {name} {(n, cx, cg, f, h, w)} {dtype} {layout}: "
                                         f"err {err:.3g} > {bound:.3g}")
-    if failures:
-        raise AssertionError("Triton attention_gate disagrees with the reference:\n  " + "\n  ".join(failures))
-    return checks
+    return checks, failures
 
 
 def section_attention_gate(ctx) -> dict:
@@ -70,7 +74,8 @@ def section_attention_gate(ctx) -> dict:
 
     shapes = [(2, 5, 7, 3, 13, 9)] if ctx.smoke else [(2, 5, 7, 3, 13, 9), (3, 64, 64, 32, 37, 29),
                                                         (2, 512, 512, 256, 16, 16), (1, 40, 20, 24, 65, 33)]
-    print(f"attention_gate: {check(ctx, shapes)} shape/layout/dtype/tensor checks passed", flush=True)
+    checks, failures = check(ctx, shapes)
+    ctx.report_checks("attention_gate", checks, failures)
     levels = [(2, 8, 16)] if ctx.smoke else GPU_LEVELS
     compiled, note = (None, "skipped in --cpu-smoke") if ctx.smoke else _compile_or_reason(reference.attention_gate)
     impls = {"eager": reference.attention_gate, "fast": attention_gate_triton, "compile": compiled}
@@ -99,5 +104,6 @@ def section_attention_gate(ctx) -> dict:
                     except Exception as e:  # compile may fail; keep the others' numbers
                         row.ms[impl], row.notes[impl] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 timings.append(row)
-    return {"name": "attention_gate", "checks_passed": True, "timings": timings,
+                ctx.emit(row)
+    return {"name": "attention_gate", "checks_passed": not failures, "check_failures": failures, "timings": timings,
             "autotune_winners": kernels.tuned_configs() if hasattr(kernels, "tuned_configs") else {}}
