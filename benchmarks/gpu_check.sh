@@ -42,6 +42,8 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 # Stage caps in seconds keep the whole command inside one device call; 0 skips a stage (to rerun one).
 # TESTS, REPORT_ARGS and TRAIN_ARGS are split on spaces; a -k expression goes in PYTEST_ADDOPTS.
+# By default the tests are the CUDA cases (ids ...-cuda, marker cuda): the CPU cases run in CI.
+export PYTEST_ADDOPTS=${PYTEST_ADDOPTS-"-k cuda --timeout 120"}
 TESTS_S=${TESTS_S:-110} REPORT_S=${REPORT_S:-140} TRAIN_S=${TRAIN_S:-300}
 TESTS=${TESTS:-tests/} REPORT_ARGS=${REPORT_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-}
 
@@ -53,7 +55,7 @@ stage() {  # stage NAME CAP_S COMMAND...: run COMMAND under timeout, log to $log
     echo "${PIPESTATUS[0]}"
 }
 
-xdist=${XDIST-$($PY -c "import xdist" 2>/dev/null && echo "-n 8")}
+xdist=${XDIST-$($PY -c "import xdist" 2>/dev/null && echo "-n 14")}
 # each failure is written to gpu-failures.txt as it happens: a session killed at its cap names them too
 tests_rc=$(LIVE_FAILURES=$logs/gpu-failures.txt stage pytest "$TESTS_S" \
     $PY -m pytest -q -rs $xdist -p benchmarks.live_failures -p no:cacheprovider $TESTS)

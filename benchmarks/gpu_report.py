@@ -2,15 +2,18 @@
 
     PYTHONPATH=. python benchmarks/gpu_report.py --out benchmarks/results/<gpu>-<date>.json
 
-For every section (one per fused op; add yours to SECTIONS): check the
-compiled Triton kernels against the reference on CUDA (several shapes and
-dtypes; any mismatch stops the report with exit status 1), then time eager
-reference, fast and ``torch.compile(reference)`` with
-``triton.testing.do_bench`` medians, report achieved GB/s as a share of the
-measured device-to-device copy bandwidth, speedups, and the autotune
-winners to commit as kernel defaults. Prints a table last and writes JSON.
-Needs no network and no pytest. ``--cpu-smoke`` runs the same logic on CPU
-through the Triton interpreter at toy sizes, to test the script itself.
+For every section (one per fused op; add yours to SECTIONS; ``--sections``
+picks and orders them): check the compiled Triton kernels against the
+reference on CUDA (several shapes and dtypes; every mismatch is printed and
+makes the exit status 1), then time eager reference, fast and
+``torch.compile(reference)`` with ``triton.testing.do_bench`` medians, report
+achieved GB/s as a share of the measured device-to-device copy bandwidth,
+speedups and launches. ``--autotune`` times autotuned tiles instead of the
+default ones and prints the winners to commit. Each row is printed as it is
+measured and the JSON is rewritten after every section (and on SIGTERM), so a
+call killed at its time cap keeps what it measured. Needs no network and no
+pytest. ``--cpu-smoke`` runs the same logic on CPU through the Triton
+interpreter at toy sizes, to test the script itself.
 """
 from __future__ import annotations
 
@@ -37,6 +40,13 @@ class Context:
     copy_gbps: float = 0.0
     started: float = field(default_factory=time.time)
     pending: list["Timing"] = field(default_factory=list)  # rows of the section in progress
+    autotune: bool = False  # --autotune: time autotuned tiles (checks always run the default tiles)
+
+    def start_timings(self) -> None:
+        """Called by each section between its checks and its timings."""
+        from r2unet_fast.ops.triton import tuning
+
+        tuning.AUTOTUNE = self.autotune
 
     def bench_ms(self, fn: Callable[[], object]) -> float:
         """Median milliseconds of ``fn``."""
@@ -172,6 +182,7 @@ def section_hybrid_loss(ctx: Context) -> dict:
     checks = len(shapes) * len(options) * 4 * 3
     ctx.report_checks("hybrid_loss", checks, failures)
 
+    ctx.start_timings()
     shape = (2, 1, 64, 64) if ctx.smoke else (16, 1, 256, 256)
     compiled, compile_note = (None, "skipped in --cpu-smoke") if ctx.smoke else _compile_or_reason(
         reference.hybrid_loss)
@@ -219,6 +230,10 @@ def _write_json(path: str, report: dict) -> None:
 
 
 def _git_commit() -> str:
+    """HEAD (``-dirty`` with local changes), or $R2UNET_FAST_COMMIT when set: a copied working tree
+    may carry a stale .git (seen on the GPU machine), so gpu_check.sh's caller can name the commit."""
+    if os.environ.get("R2UNET_FAST_COMMIT"):
+        return os.environ["R2UNET_FAST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -255,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSON path, e.g. benchmarks/results/h100-2025-01-31.json")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run on CPU through the Triton interpreter at toy sizes (tests the script, not speed)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="time autotuned tiles and print the winners to commit (compiles every config: minutes)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, in this order (default: all, {','.join(SECTIONS)})")
     args = parser.parse_args(argv)
@@ -270,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
-    ctx = Context(torch.device("cpu" if args.cpu_smoke else "cuda"), smoke=args.cpu_smoke)
+    ctx = Context(torch.device("cpu" if args.cpu_smoke else "cuda"), smoke=args.cpu_smoke, autotune=args.autotune)
     started = time.time()
     ctx.copy_gbps = copy_bandwidth_gbps(ctx)
     print(f"device-to-device copy: {ctx.copy_gbps:.0f} GB/s", flush=True)

@@ -24,3 +24,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_on_cuda():
+    """fp32 parity is asserted against IEEE fp32: the Triton kernels' fp32 dots are IEEE, while
+    PyTorch lets cuDNN convolutions use TF32 by default, which put the reference gate's channels_last
+    gradient 8e-3 (relative) off on an H200. Restored after each test."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

@@ -344,6 +344,7 @@ def test_cuda_sums_do_not_depend_on_the_tuned_config(monkeypatch):
     from r2unet_fast.ops.triton import hybrid_loss as kernels
     from r2unet_fast.ops.triton import tuning
 
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
     logits = torch.randn(3, 1, 300, 257, device="cuda") * 3
     target = torch.rand(3, 1, 300, 257, device="cuda")
     key = (tuning.arch(logits.device), "fwd", tuning.bucket(300 * 257), "float32")
@@ -360,9 +361,11 @@ def test_cuda_sums_do_not_depend_on_the_tuned_config(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_a_new_image_size_in_the_same_bucket_does_not_retune():
+def test_cuda_a_new_image_size_in_the_same_bucket_does_not_retune(monkeypatch):
     from r2unet_fast.ops.triton import hybrid_loss as kernels
+    from r2unet_fast.ops.triton import tuning
 
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
     before = {k: len(v) for k, v in kernels.tuned_configs().items()}
     for h, w in ((70, 80), (75, 90), (64, 128)):  # 5600, 6750, 8192 pixels: all bucket 8192
         x = torch.randn(2, 1, h, w, device="cuda", dtype=torch.float16, requires_grad=True)

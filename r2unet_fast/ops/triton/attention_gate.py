@@ -80,7 +80,9 @@ def _pixel_grid(n: int, hw: int):
 
 
 def _kernel_and_tile(tuners: tuning.PerArch, kernel, key: tuning.CommittedKey, fixed: tuning.Tile | None = None):
-    tile = tuning.launch_config(TUNED_TILES, key, fixed=fixed)
+    """The autotuner (when tuning.AUTOTUNE, for an uncommitted key) or the plain kernel and its tile;
+    a kernel with a ``fixed`` reduction tile has no other default."""
+    tile = tuning.launch_config(TUNED_TILES, key, {} if fixed else PIXEL_TILES[0], fixed=fixed)
     return (tuners(key[0]) if tile is None else kernel), (tile or {})
 
 

@@ -323,7 +323,7 @@ def hybrid_loss_fwd(logits: torch.Tensor, target: torch.Tensor, pos_weight: floa
     chunk_size, num_chunks = _chunking(n, numel, logits.device, reduction["BLOCK_SIZE"])
     partials = torch.empty((n, num_chunks, NUM_SUMS), dtype=compute_dtype(logits), device=logits.device)
     key = (arch, "fwd", tuning.bucket(numel), tuning.dtype_name(logits.dtype))
-    tile = tuning.launch_config(TUNED_TILES, key, fixed=reduction)
+    tile = tuning.launch_config(TUNED_TILES, key, {}, fixed=reduction)
     kernel = _fwd_tuners(arch) if tile is None else _fwd_kernel
     with _device_guard(logits.device):
         tuning.wrap(kernel)[(n, num_chunks)](logits, target, partials, numel, chunk_size, num_chunks, key[2],
@@ -348,7 +348,7 @@ def hybrid_loss_bwd(logits: torch.Tensor, target: torch.Tensor, coef: torch.Tens
     grad_logits = torch.empty_like(logits)
     grad_tgt = torch.empty_like(target) if grad_target else target.new_empty(0)
     key = (tuning.arch(logits.device), "bwd", tuning.bucket(numel), tuning.dtype_name(logits.dtype))
-    tile = tuning.launch_config(TUNED_TILES, key)
+    tile = tuning.launch_config(TUNED_TILES, key, BWD_TILES[0])
     kernel = _bwd_tuners(key[0]) if tile is None else _bwd_kernel
 
     def grid(meta: dict) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Tile choice for the Triton kernels: committed configs per GPU architecture, autotuning as fallback.
+"""Tile choice for the Triton kernels: committed configs per GPU architecture, else a default tile,
+or autotuning when asked for.
 
 Every kernel module keeps two tables and calls :func:`launch_config`:
 
@@ -8,12 +9,18 @@ Every kernel module keeps two tables and calls :func:`launch_config`:
 - committed tiles ``{(arch, kernel, numel_bucket, dtype): {...}}`` that skip autotuning for
   their key; ``benchmarks/gpu_report.py`` prints the winners in this form.
 
-Autotune keys are power-of-two buckets of the per-image element count (:func:`bucket`), so a
-new image size within a bucket reuses the tuned config instead of retuning.
+A key without a committed tile runs the kernel's default tile, unless :data:`AUTOTUNE` is on
+(``R2UNET_FAST_AUTOTUNE=1``, or ``benchmarks/gpu_report.py --autotune``). Autotuning is opt-in
+because its cost lands on the first training step: every config of every kernel is compiled
+and timed once per key, and the model's many shapes and dtypes make that minutes on a GPU
+(measured on an H200: one attention-gate test took 70 s under autotuning). Autotune keys are
+power-of-two buckets of the per-image element count (:func:`bucket`), so a new image size
+within a bucket reuses the tuned config instead of retuning.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import torch
@@ -24,7 +31,9 @@ from ..library import interpreting
 Tile = dict[str, int]
 CommittedKey = tuple[str, str, int, str]  # (arch, kernel, numel_bucket, dtype name)
 INTERPRETER_ARCH = "interpreter"
-__all__ = ["arch", "bucket", "dtype_name", "interpreting", "launch_config", "per_arch", "wrap", "PerArch"]
+# Read once: the launchers consult it under torch.compile, which guards on a module global.
+AUTOTUNE: bool = os.environ.get("R2UNET_FAST_AUTOTUNE", "0") == "1"
+__all__ = ["AUTOTUNE", "arch", "bucket", "dtype_name", "interpreting", "launch_config", "per_arch", "wrap", "PerArch"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,13 +63,14 @@ def per_arch(table: dict[str, Tile], arch_name: str) -> Tile:
     return dict(table.get(arch_name, table["default"]))
 
 
-def launch_config(committed: dict[CommittedKey, Tile], key: CommittedKey,
+def launch_config(committed: dict[CommittedKey, Tile], key: CommittedKey, default: Tile,
                   fixed: Tile | None = None) -> Tile | None:
-    """The committed tile for ``key`` (with ``fixed`` entries, e.g. a reduction tile, on top), or
-    None to autotune. A committed tile that contradicts ``fixed`` is an error, not a silent override."""
+    """The tile to launch ``key`` with: the committed one, else ``default``, or None to autotune
+    (only when :data:`AUTOTUNE` is on). ``fixed`` entries (a reduction tile) go on top; a committed
+    tile that contradicts them is an error, not a silent override."""
     tile = committed.get(key)
     if tile is None:
-        return None
+        return None if AUTOTUNE else {**default, **(fixed or {})}
     for name, value in (fixed or {}).items():
         if tile.get(name, value) != value:
             raise ValueError(f"committed tile {key} sets {name}={tile[name]}, but the reduction order "
