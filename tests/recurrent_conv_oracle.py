@@ -62,7 +62,8 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
                    rstd: torch.Tensor, gamma: torch.Tensor, dfeed: torch.Tensor | None,
                    write_ds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sd, dhd = s.double(), dh.double()
-    dy = dhd * ((sd * _per_channel(scale.double()) + _per_channel(shift.double())) > 0)
+    # threshold_backward's rule, as eager relu: the gradient passes unless the output is <= 0 (a NaN passes)
+    dy = torch.where((sd * _per_channel(scale.double()) + _per_channel(shift.double())) <= 0, 0.0, dhd)
     xhat = (sd - _per_channel(mean.double())) * _per_channel(rstd.double())
     m = s.numel() // s.shape[1]
     sum_dy, sum_dy_xhat = dy.sum(_DIMS), (dy * xhat).sum(_DIMS)
