@@ -17,7 +17,8 @@ vectors are (C,). "Compute dtype" is float32 for fp16/bf16/fp32 activations, flo
 - ``rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, dfeed, write_ds) -> (ds, sum_dy,
   sum_dy_xhat)``: the backward of ``h = relu(batch_norm(s))`` in training mode, where
   ``batch_norm(s) = s * scale + shift`` with ``scale = gamma * rstd``,
-  ``shift = beta - mean * scale``. With ``dy = dh * (s * scale + shift > 0)`` and
+  ``shift = beta - mean * scale``. With ``dy = 0 where s * scale + shift <= 0, else dh`` (eager
+  relu's rule: a NaN pre-activation passes its gradient) and
   ``xhat = (s - mean) * rstd``: ``sum_dy = sum(dy)``, ``sum_dy_xhat = sum(dy * xhat)`` per
   channel (fixed order, compute dtype) and ``ds = gamma * rstd * (dy - sum_dy / M - xhat *
   sum_dy_xhat / M)``, M = N*H*W. ``ds`` is a new tensor in ``s``'s dtype and layout when
