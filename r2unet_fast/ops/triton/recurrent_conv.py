@@ -56,8 +56,6 @@ _add_stats_tuners = tuning.PerArch("add_stats", _fixed_tuner(_add_stats_kernel))
 _bn_relu_tuners = tuning.PerArch("bn_relu", _free_tuner(_bn_relu_kernel))
 _bwd_reduce_tuners = tuning.PerArch("bwd_reduce", _fixed_tuner(_bwd_reduce_kernel))
 _bwd_apply_tuners = tuning.PerArch("bwd_apply", _free_tuner(_bwd_apply_kernel))
-_KERNELS = {"add_stats": (_add_stats_tuners, _add_stats_kernel), "bn_relu": (_bn_relu_tuners, _bn_relu_kernel),
-            "bwd_reduce": (_bwd_reduce_tuners, _bwd_reduce_kernel), "bwd_apply": (_bwd_apply_tuners, _bwd_apply_kernel)}
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -69,10 +67,9 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return (s[0] if n > 1 else 0), (s[1] if c > 1 else 0), pixel
 
 
-def _launch(name: str, x: torch.Tensor, grid, *args, fixed: bool, **meta) -> None:
-    """Launch kernel ``name`` for activations like ``x``: its committed or default tile, or its
-    autotuner; a reducing kernel (``fixed``) always gets its architecture's reduction tile."""
-    tuners, kernel = _KERNELS[name]
+def _launch(name: str, tuners: tuning.PerArch, kernel, x: torch.Tensor, grid, *args, fixed: bool, **meta) -> None:
+    """Launch ``kernel`` (``name`` in TUNED_TILES keys) for activations like ``x``: its committed or
+    default tile, or its autotuner; a reducing kernel (``fixed``) always gets the reduction tile."""
     arch = tuning.arch(x.device)
     key = (arch, name, tuning.bucket(x.numel() // x.shape[0]), tuning.dtype_name(x.dtype))
     reduction = tuning.per_arch(REDUCTION_TILES, arch) if fixed else None
@@ -90,6 +87,10 @@ def _pixel_grid(n: int, hw: int, c: int, block_c: int):
     def grid(meta: dict) -> tuple[int, int, int]:
         return (n, min(triton.cdiv(hw, meta["BLOCK_M"]), MAX_GRID_1), min(triton.cdiv(c, block_c), MAX_GRID_1))
     return grid
+
+
+def _chunk_grid(n: int, chunks: int, c: int, block_c: int) -> tuple[int, int, int]:
+    return n, chunks, min(triton.cdiv(c, block_c), MAX_GRID_1)
 
 
 def _chunking(x: torch.Tensor, block_c: int) -> tuple[int, int]:
@@ -163,7 +164,7 @@ def rc_add_stats(out: torch.Tensor, feed: torch.Tensor | None) -> tuple[torch.Te
     has_feed = feed is not None
     src = feed if has_feed else out  # without feed its pointer is never read
     with _device_guard(out.device):
-        _launch("add_stats", out, (n, chunks, min(triton.cdiv(c, block_c), MAX_GRID_1)),
+        _launch("add_stats", _add_stats_tuners, _add_stats_kernel, out, _chunk_grid(n, chunks, c, block_c),
                 out, src, partials, h * w, c, chunk_size, *_strides(out), *_strides(src),
                 fixed=True, HAS_FEED=has_feed, BLOCK_C=block_c)
         tuning.wrap(_stats_merge_kernel)[(triton.cdiv(c, MERGE_BLOCK_C),)](
@@ -190,7 +191,7 @@ def rc_bn_relu(s: torch.Tensor, feed: torch.Tensor | None, scale: torch.Tensor, 
     res_arg = residual if residual is not None else s
     block_c = _block_c(s)
     with _device_guard(s.device):
-        _launch("bn_relu", s, _pixel_grid(n, hh * ww, c, block_c),
+        _launch("bn_relu", _bn_relu_tuners, _bn_relu_kernel, s, _pixel_grid(n, hh * ww, c, block_c),
                 s, feed_arg, res_arg, scale, shift, h, hh * ww, c, *_strides(s), *_strides(feed_arg),
                 *_strides(res_arg), *_strides(h), fixed=False, HAS_FEED=feed is not None,
                 HAS_RESIDUAL=residual is not None, BLOCK_C=block_c)
@@ -224,7 +225,7 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
     sum_dy_xhat = torch.empty((c,), dtype=acc, device=s.device)
     ds = torch.empty_like(s) if write_ds else s.new_empty(0)
     with _device_guard(s.device):
-        _launch("bwd_reduce", s, (n, chunks, min(triton.cdiv(c, block_c), MAX_GRID_1)),
+        _launch("bwd_reduce", _bwd_reduce_tuners, _bwd_reduce_kernel, s, _chunk_grid(n, chunks, c, block_c),
                 s, dh, scale, shift, mean, rstd, partials, h * w, c, chunk_size, *_strides(s), *_strides(dh),
                 fixed=True, BLOCK_C=block_c)
         tuning.wrap(_sums_merge_kernel)[(triton.cdiv(c, MERGE_BLOCK_C),)](
@@ -232,7 +233,7 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
         if write_ds or dfeed is not None:
             ds_arg = ds if write_ds else s  # absent outputs: s stands in, never written
             dfeed_arg = dfeed if dfeed is not None else s
-            _launch("bwd_apply", s, _pixel_grid(n, h * w, c, block_c),
+            _launch("bwd_apply", _bwd_apply_tuners, _bwd_apply_kernel, s, _pixel_grid(n, h * w, c, block_c),
                     s, dh, scale, shift, mean, rstd, gamma, sum_dy, sum_dy_xhat, ds_arg, dfeed_arg, h * w, c, n * h * w,
                     *_strides(s), *_strides(dh), *_strides(ds_arg), *_strides(dfeed_arg), fixed=False,
                     WRITE_DS=write_ds, HAS_DFEED=dfeed is not None, BLOCK_C=block_c)
@@ -242,4 +243,4 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
 def tuned_configs() -> dict[str, list[dict[str, object]]]:
     """What autotuning chose so far per kernel (``numel_per_image`` is the bucket of C*H*W), in
     the form :data:`TUNED_TILES` takes; see :func:`.hybrid_loss.tuned_configs`."""
-    return {name: tuners.winners() for name, (tuners, _) in _KERNELS.items()}
+    return {t.name: t.winners() for t in (_add_stats_tuners, _bn_relu_tuners, _bwd_reduce_tuners, _bwd_apply_tuners)}

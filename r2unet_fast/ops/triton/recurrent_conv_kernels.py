@@ -24,8 +24,9 @@ values), the channel block and the chunking (from the shape and SM count), never
 autotuning, which only touches num_stages there and the tiles of the elementwise kernels.
 
 NaN and inf: results follow the oracle (``tests/recurrent_conv_oracle.py``). The relu is
-``where(a < 0, 0, a)`` (NaN stays NaN); the backward's ``dy = dh * [a > 0]`` is a product, as
-the oracle's, so a NaN or inf dh gives NaN even where relu is cut. A non-finite shift K is
+``where(a < 0, 0, a)`` (NaN stays NaN); its gradient is ``dy = where(a <= 0, 0, dh)``, eager
+threshold_backward's rule: a NaN pre-activation passes dh, and a NaN dh where relu is cut
+gives 0. A non-finite shift K is
 replaced by 0: subtracting it would turn the finite values of its channel into NaN. Padded
 lanes are masked out of every sum.
 
@@ -154,8 +155,8 @@ def _bn_relu_kernel(s_ptr, feed_ptr, res_ptr, scale_ptr, shift_ptr, h_ptr, HW, C
 
 @triton.jit
 def _dy_xhat(s, dh, scale, shift, mean, rstd):
-    # dh times the relu mask as a product, like the oracle: NaN/inf dh gives NaN where cut too
-    dy = dh * (s * scale[None, :] + shift[None, :] > 0.0).to(s.dtype)
+    # cut where a <= 0, not passed where a > 0: a NaN pre-activation passes dh, as in eager relu
+    dy = tl.where(s * scale[None, :] + shift[None, :] <= 0.0, 0.0, dh)
     return dy, (s - mean[None, :]) * rstd[None, :]
 
 
