@@ -26,9 +26,8 @@ autotuning, which only touches num_stages there and the tiles of the elementwise
 NaN and inf: results follow the oracle (``tests/recurrent_conv_oracle.py``). The relu is
 ``where(a < 0, 0, a)`` (NaN stays NaN); its gradient is ``dy = where(a <= 0, 0, dh)``, eager
 threshold_backward's rule: a NaN pre-activation passes dh, and a NaN dh where relu is cut
-gives 0. A non-finite shift K is
-replaced by 0: subtracting it would turn the finite values of its channel into NaN. Padded
-lanes are masked out of every sum.
+gives 0. A non-finite shift K is replaced by 0: subtracting it would turn the finite values
+of its channel into NaN. Padded lanes are masked out of every sum.
 
 Assumes one image has fewer than 2**31 elements (per-image offsets are int32).
 """
