@@ -9,6 +9,7 @@
 
 #include "attention_gate.h"
 #include "hybrid_loss.h"
+#include "recurrent_conv.h"
 
 namespace {
 
@@ -63,5 +64,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("g"), py::arg("w_x"), py::arg("w_g"), py::arg("bias"), py::arg("w_psi"),
         py::arg("b_psi"), py::arg("grad_out"), py::arg("grad_psi"), py::arg("dx"), py::arg("dg"), py::arg("dw_x"),
         py::arg("dw_g"), py::arg("dbias"), py::arg("dw_psi"), py::arg("db_psi"), py::arg("kept") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rc_add_stats", &r2unet_fast::rc_add_stats,
+        "out += feed (None: nothing added), then out's per-channel mean and biased variance into mean, var (C,).",
+        py::arg("out"), py::arg("feed"), py::arg("mean"), py::arg("var"), py::call_guard<py::gil_scoped_release>());
+  m.def("rc_bn_relu", &r2unet_fast::rc_bn_relu,
+        "h = relu((s + feed) * scale + shift) + residual (feed, residual: None for none).", py::arg("s"),
+        py::arg("feed"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("h"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rc_bn_relu_bwd", &r2unet_fast::rc_bn_relu_bwd,
+        "Backward of h = relu(s * scale + shift) with batch statistics: sum_dy, sum_dy_xhat (C,), ds (None: not "
+        "written), dfeed += ds (None: nothing added).",
+        py::arg("s"), py::arg("dh"), py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("rstd"),
+        py::arg("gamma"), py::arg("dfeed"), py::arg("ds"), py::arg("sum_dy"), py::arg("sum_dy_xhat"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -137,3 +137,55 @@ def _gate_bwd(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: torch.Te
     _C.attention_gate_bwd(xc, gc, w_x, w_g, bias, w_psi, b_psi, _computed(grad_out), gp,
                           dx, dg, dw_x, dw_g, dbias, dw_psi, db_psi, kept)
     return dx.to(x.dtype), dg.to(g.dtype), dw_x, dw_g, dbias, dw_psi, db_psi
+
+
+# The recurrent conv step's passes (contracts: tests/recurrent_conv_oracle.py). The C++ kernels take
+# float32 and float64; half precision runs them on float32 copies and rounds once on the way back.
+def _optional(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else _computed(t)
+
+
+def rc_add_stats(out: torch.Tensor, feed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place ``out += feed`` (unless None), then out's per-channel mean and biased variance (C,)
+    over (N, H, W) in the compute dtype. out, feed: (N, C, H, W), one dtype and layout."""
+    c, dtype = out.shape[1], compute_dtype(out)
+    mean, var = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    if out.dtype in (torch.float32, torch.float64):
+        _C.rc_add_stats(out, feed, mean, var)
+    else:  # the statistics of the stored (rounded) sum, as eager BatchNorm sees it
+        if feed is not None:
+            out.add_(feed)
+        _C.rc_add_stats(_computed(out), None, mean, var)
+    return mean, var
+
+
+def rc_bn_relu(s: torch.Tensor, feed: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor,
+               residual: torch.Tensor | None) -> torch.Tensor:
+    """``relu((s + feed) * scale + shift) + residual`` (feed, residual optional): (N, C, H, W) in s's
+    dtype and layout; scale, shift (C,) in the compute dtype."""
+    if s.dtype in (torch.float32, torch.float64):
+        h = torch.empty_like(s)
+        _C.rc_bn_relu(s, feed, scale, shift, residual, h)
+        return h
+    h = torch.empty_like(s, dtype=torch.float32)
+    _C.rc_bn_relu(_computed(s), _optional(feed), scale, shift, _optional(residual), h)
+    return h.to(s.dtype)
+
+
+def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, gamma: torch.Tensor, dfeed: torch.Tensor | None,
+                   write_ds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of ``h = relu(s * scale + shift)`` with batch statistics: ds (s's dtype and layout;
+    empty unless ``write_ds``), and sum(dy), sum(dy * xhat) (C,); ``dfeed += ds`` in place unless None."""
+    c, dtype = s.shape[1], compute_dtype(s)
+    sum_dy, sum_dy_xhat = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+    native = s.dtype in (torch.float32, torch.float64)
+    ds = torch.empty_like(s, dtype=s.dtype if native else torch.float32) if write_ds else None
+    acc = dfeed if native or dfeed is None else dfeed.float()
+    _C.rc_bn_relu_bwd(s if native else s.float(), dh if native else dh.float(), scale, shift, mean, rstd, gamma,
+                      acc, ds, sum_dy, sum_dy_xhat)
+    if acc is not None and acc is not dfeed:
+        dfeed.copy_(acc)
+    if ds is None:
+        return s.new_empty(0), sum_dy, sum_dy_xhat
+    return ds.to(s.dtype), sum_dy, sum_dy_xhat

@@ -1,0 +1,28 @@
+// The recurrent conv step's fused passes on CPU (csrc/recurrent_conv.cpp). The convolutions
+// themselves are ATen's (oneDNN); r2unet_fast/ops/library/recurrent_conv.py runs the steps.
+// Contracts: tests/recurrent_conv_oracle.py. float32 and float64 tensors, NCHW or channels_last.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace r2unet_fast {
+
+// out += feed (when given), then the per-channel mean and biased variance of out over (N, H, W)
+// into mean and var (C,): chunk statistics merged in chunk order (Chan et al.), so the bits do
+// not depend on the thread count.
+void rc_add_stats(at::Tensor out, const std::optional<at::Tensor>& feed, at::Tensor mean, at::Tensor var);
+
+// h = relu((s + feed) * scale + shift) + residual; feed and residual optional.
+void rc_bn_relu(const at::Tensor& s, const std::optional<at::Tensor>& feed, const at::Tensor& scale,
+                const at::Tensor& shift, const std::optional<at::Tensor>& residual, at::Tensor h);
+
+// The backward of h = relu(s * scale + shift) with batch statistics: sum_dy and sum_dy_xhat (C,),
+// then ds into ds (when given) and added into dfeed (when given).
+void rc_bn_relu_bwd(const at::Tensor& s, const at::Tensor& dh, const at::Tensor& scale, const at::Tensor& shift,
+                    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gamma,
+                    const std::optional<at::Tensor>& dfeed, const std::optional<at::Tensor>& ds,
+                    at::Tensor sum_dy, at::Tensor sum_dy_xhat);
+
+}  // namespace r2unet_fast
