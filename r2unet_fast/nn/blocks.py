@@ -53,8 +53,8 @@ class RRCUBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x0 = self.conv1x1(x)
-        y = self.rc2(self.rc1(x0))
-        return x0 + y if self.residual else y
+        # the skip is added in rc2's last fused pass
+        return self.rc2(self.rc1(x0), residual=x0 if self.residual else None)
 
 
 def make_block(kind: str, in_ch: int, out_ch: int, *, t: int = 2, tied: bool = False,

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.dispatch import ensure_available
+from .. import ops
+from ..ops.dispatch import ensure_available, resolve
 
 
 class RecurrentConv(nn.Module):
@@ -15,8 +16,13 @@ class RecurrentConv(nn.Module):
     the popular PyTorch R2U-Net); it needs ``in_ch == out_ch``. ``shared_norm=True``
     uses one BatchNorm for every step.
 
+    The fused ``recurrent_conv`` op runs it (``backend``, see :meth:`runs_on`); BatchNorm layers
+    replaced by synchronised ones (``--sync-bn``) keep it on the reference.
+
     Shapes: (N, in_ch, H, W) -> (N, out_ch, H, W).
     """
+
+    fused_op = "recurrent_conv"
 
     def __init__(self, in_ch: int, out_ch: int, t: int = 2, tied: bool = False,
                  shared_norm: bool = False, backend: str = "auto") -> None:
@@ -41,7 +47,40 @@ class RecurrentConv(nn.Module):
         """The weight of ``conv_r`` (``conv_f``'s when tied): (out_ch, out_ch, 3, 3)."""
         return self.conv_f.weight if self.tied else self.conv_r.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _unfusable(self) -> str | None:
+        """Why the fused op cannot run these norms, or None."""
+        for norm in self.norms:
+            if type(norm) is not nn.BatchNorm2d:
+                return f"{type(norm).__name__} norms (statistics shared across processes)"
+            if not (norm.affine and norm.track_running_stats):
+                return "BatchNorm without affine parameters or running statistics"
+        first = self.norms[0]
+        if any(n.eps != first.eps or n.momentum != first.momentum for n in self.norms):
+            return "BatchNorms with different eps or momentum"
+        return None
+
+    def runs_on(self) -> str:
+        """The backend the next forward runs, with the reason when that is not ``self.backend``."""
+        if self.backend == "reference":
+            return "reference"
+        reason = self._unfusable()
+        if reason is not None:
+            return f"reference ({reason})"
+        return resolve(self.fused_op, self.backend, self.conv_f.weight.device)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``h_t`` (+ ``residual``, the RRCU block's skip, added in the fused op's last pass)."""
+        if self.backend == "reference" or self._unfusable() is not None:
+            h = self._reference_forward(x)
+            return h if residual is None else residual + h
+        norms = list(self.norms)
+        return ops.recurrent_conv(
+            x, self.conv_f.weight, self.conv_f.bias, self.recurrent_weight, [n.weight for n in norms],
+            [n.bias for n in norms], [n.running_mean for n in norms], [n.running_var for n in norms],
+            [n.num_batches_tracked for n in norms], t=self.t, training=self.training, momentum=norms[0].momentum,
+            eps=norms[0].eps, residual=residual, backend=self.backend)
+
+    def _reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = self.conv_f(x)
         h = torch.relu(self._norm(0)(feed))
         w_r = self.recurrent_weight
@@ -51,4 +90,4 @@ class RecurrentConv(nn.Module):
         return h
 
     def extra_repr(self) -> str:
-        return f"t={self.t}, tied={self.tied}, shared_norm={len(self.norms) == 1}, backend={self.backend!r}"
+        return f"t={self.t}, tied={self.tied}, shared_norm={len(self.norms) == 1}, runs_on={self.runs_on()!r}"

@@ -8,7 +8,7 @@ from . import dispatch
 from ._checks import check_finite_number, check_floating, check_ndim, check_same_device, check_shape
 from .dispatch import BACKEND_CHOICES, BACKENDS, available_backends
 
-__all__ = ["hybrid_loss", "attention_gate", "available_backends", "BACKENDS", "BACKEND_CHOICES"]
+__all__ = ["hybrid_loss", "attention_gate", "recurrent_conv", "available_backends", "BACKENDS", "BACKEND_CHOICES"]
 
 
 def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, *, dice_weight: float = 0.5,
@@ -79,3 +79,52 @@ def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: tor
         raise ValueError(f"attention_gate needs non-empty inputs, got x {tuple(x.shape)}, g {tuple(g.shape)}")
     impl = dispatch.kernel("attention_gate", backend, device)
     return impl(x, g, w_x, w_g, bias, w_psi, b_psi, return_psi=return_psi)
+
+
+def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
+                   gammas: list[torch.Tensor], betas: list[torch.Tensor], running_means: list[torch.Tensor],
+                   running_vars: list[torch.Tensor], num_batches_tracked: list[torch.Tensor] | None = None, *,
+                   t: int, training: bool, momentum: float | None = 0.1, eps: float = 1e-5,
+                   residual: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """The recurrent convolutional unit with BatchNorm (docs/design.md section 1), updating the running
+    statistics in training mode exactly as ``nn.BatchNorm2d``; see
+    :func:`r2unet_fast.ops.reference.recurrent_conv`.
+
+    Args:
+        x: (N, Cin, H, W); w_f: (C, Cin, 3, 3); b_f: (C,); w_r: (C, C, 3, 3) (``w_f`` itself when tied).
+        gammas, betas, running_means, running_vars (and num_batches_tracked, 0-d): one per BatchNorm,
+            1 (shared by every step) or t + 1.
+        residual: (N, C, H, W) added to the output (the RRCU block's x0), or None.
+    Returns:
+        (N, C, H, W) in x's dtype and layout.
+    """
+    check_floating(x=x, w_f=w_f, b_f=b_f, w_r=w_r)
+    device = check_same_device(x=x, w_f=w_f, b_f=b_f, w_r=w_r, **{f"gammas[{i}]": g for i, g in enumerate(gammas)})
+    check_ndim("x", x, 4, "(N, Cin, H, W)")
+    check_ndim("w_f", w_f, 4, "(C, Cin, 3, 3)")
+    c = w_f.shape[0]
+    check_shape("w_f", w_f, (c, x.shape[1], 3, 3))
+    check_shape("b_f", b_f, (c,))
+    check_shape("w_r", w_r, (c, c, 3, 3))
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        raise ValueError(f"t (recurrent steps) must be an int >= 0, got {t!r}")
+    norms = len(gammas)
+    if norms not in (1, t + 1):
+        raise ValueError(f"one BatchNorm shared by every step or one per step (t + 1 = {t + 1}), got {norms}")
+    for name, values in (("betas", betas), ("running_means", running_means), ("running_vars", running_vars)):
+        if len(values) != norms:
+            raise ValueError(f"{name} must have one entry per BatchNorm ({norms}), got {len(values)}")
+    for name, values in (("gammas", gammas), ("betas", betas), ("running_means", running_means),
+                         ("running_vars", running_vars)):
+        for i, v in enumerate(values):
+            check_shape(f"{name}[{i}]", v, (c,))
+    if residual is not None:
+        check_shape("residual", residual, (x.shape[0], c, x.shape[2], x.shape[3]))
+    if x.numel() == 0:
+        raise ValueError(f"recurrent_conv needs a non-empty input, got x of shape {tuple(x.shape)}")
+    if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"BatchNorm in training mode needs more than one value per channel, got x {tuple(x.shape)}")
+    impl = dispatch.kernel("recurrent_conv", backend, device)
+    return impl(x, w_f, b_f, w_r, list(gammas), list(betas), list(running_means), list(running_vars),
+                None if num_batches_tracked is None else list(num_batches_tracked), t=t, training=training,
+                momentum=momentum, eps=eps, residual=residual)

@@ -21,6 +21,7 @@ import torch
 from . import reference
 from .library import attention_gate as _attention_gate_ops
 from .library import hybrid_loss as _hybrid_loss_ops
+from .library import recurrent_conv as _recurrent_conv_ops
 from .library import interpreting
 
 BACKENDS: tuple[str, ...] = ("reference", "triton", "cpu")
@@ -36,6 +37,9 @@ _KERNELS: dict[str, dict[str, Callable]] = {
     "attention_gate": {"reference": reference.attention_gate,
                        "triton": _attention_gate_ops.attention_gate_triton,
                        "cpu": _attention_gate_ops.attention_gate_cpu},
+    "recurrent_conv": {"reference": reference.recurrent_conv,
+                       "triton": _recurrent_conv_ops.recurrent_conv_triton,
+                       "cpu": _recurrent_conv_ops.recurrent_conv_cpu},
 }
 
 

@@ -87,3 +87,39 @@ def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: tor
     psi = torch.sigmoid(q)
     out = x * psi
     return (out, psi) if return_psi else out
+
+
+def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
+                   gammas: list[torch.Tensor], betas: list[torch.Tensor], running_means: list[torch.Tensor],
+                   running_vars: list[torch.Tensor], num_batches_tracked: list[torch.Tensor] | None, *, t: int,
+                   training: bool, momentum: float | None = 0.1, eps: float = 1e-5,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The recurrent convolutional unit with BatchNorm, as ``nn.BatchNorm2d`` runs it.
+
+    ``F = conv_f(x) + b_f``, ``s_0 = F``, ``s_k = F + conv(h_{k-1}, w_r)``, ``h_k = relu(bn_k(s_k))``;
+    returns ``h_t`` (+ ``residual``). BatchNorm ``k`` is entry ``min(k, len(gammas) - 1)`` of the lists
+    (one entry: shared by every step). In training mode each BatchNorm call uses batch statistics and
+    updates its running statistics in place (and ``num_batches_tracked``; ``momentum=None``: the
+    cumulative average), exactly as ``nn.BatchNorm2d``.
+
+    Args:
+        x: (N, Cin, H, W); w_f: (C, Cin, 3, 3); b_f: (C,); w_r: (C, C, 3, 3) (``w_f`` when tied).
+        gammas, betas, running_means, running_vars, num_batches_tracked: one (C,) (counts: 0-d) per BatchNorm.
+    Returns:
+        (N, C, H, W).
+    """
+    feed = F.conv2d(x, w_f, b_f, padding=1)
+
+    def norm(k: int, s: torch.Tensor) -> torch.Tensor:
+        i = min(k, len(gammas) - 1)
+        factor = momentum
+        if training and num_batches_tracked is not None:
+            num_batches_tracked[i].add_(1)
+            if momentum is None:
+                factor = 1.0 / float(num_batches_tracked[i])
+        return F.batch_norm(s, running_means[i], running_vars[i], gammas[i], betas[i], training, factor or 0.0, eps)
+
+    h = torch.relu(norm(0, feed))
+    for k in range(1, t + 1):
+        h = torch.relu(norm(k, feed + F.conv2d(h, w_r, padding=1)))
+    return h if residual is None else h + residual

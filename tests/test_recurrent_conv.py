@@ -1,0 +1,332 @@
+"""The fused recurrent conv unit (``ops.recurrent_conv``, ``RecurrentConv``, ``RRCUBlock``) against the
+reference on every fast backend on the device it serves: the C++ passes against their float64
+statements, gradcheck, parity of outputs, every gradient and every running statistic after several
+training steps for t = 0..3, tied and untied, shared and per-step norms, both layouts, eval mode,
+NaN, the bf16 ratio rule, what is saved for backward, registration (opcheck), torch.compile
+without graph breaks, the backend report, and bad input.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import recurrent_conv_oracle as oracle
+import torch
+from backend_cases import cases
+from poison import poisoned_allocations
+
+from r2unet_fast import ops
+from r2unet_fast.nn import RecurrentConv
+from r2unet_fast.nn.blocks import RRCUBlock
+from r2unet_fast.ops.library import recurrent_conv as lib
+
+BACKENDS = cases("recurrent_conv")
+CPU_ONLY = cases("recurrent_conv", ("cpu",))
+_CPP_REASON = ops.available_backends("recurrent_conv", "cpu")["cpu"]
+requires_cpp = pytest.mark.skipif(_CPP_REASON is not None, reason=f"cpu backend: {_CPP_REASON}")
+
+
+def _on(model: torch.nn.Module, backend: str) -> torch.nn.Module:
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return model
+
+
+def _pair(block: torch.nn.Module, backend, dtype=torch.float64) -> tuple[torch.nn.Module, torch.nn.Module]:
+    ref = _on(block, "reference").to(backend.device, dtype)
+    return ref, _on(copy.deepcopy(ref), backend.name)
+
+
+def _train_steps(model: torch.nn.Module, x: torch.Tensor, steps: int = 3, train: bool = True) -> list[torch.Tensor]:
+    """``steps`` forward+backward passes (in training mode unless ``train=False``): last output, input
+    grad, every parameter grad (summed over the steps) and every buffer."""
+    model.train(train)
+    leaf = x.detach().clone().requires_grad_()
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        out = model(leaf)
+        weight = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+        (out * weight).sum().backward()
+    return [out.detach(), leaf.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
+
+
+def _x(n=2, c=5, h=7, w=9, device="cpu", dtype=torch.float64, channels_last=False) -> torch.Tensor:
+    x = torch.randn(n, c, h, w, dtype=torch.float64).to(device, dtype)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _assert_all_close(got: list, want: list, tol: float) -> None:
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), i
+        if a is None:
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        # at least unit scale: conv_f's bias feeds a BatchNorm, so its exact gradient is 0 and both sides
+        # give rounding noise of the unit-sized terms that cancel
+        scale = max(b.double().abs().max().item(), 1.0)
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"#{i}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "feed_residual_dfeed"])
+@requires_cpp
+def test_cpu_passes_match_their_statements(channels_last, dtype, with_extras):
+    from r2unet_fast.ops import cpu
+
+    out = _x(2, 6, 7, 9, dtype=torch.float64, channels_last=channels_last) * 3 + 2
+    feed = _x(2, 6, 7, 9, channels_last=channels_last)
+    out, feed = out.to(dtype), feed.to(dtype)
+    extra = feed if with_extras else None
+    got, want = out.clone(), out.clone()
+    stats = cpu.rc_add_stats(got, extra), oracle.rc_add_stats(want, extra)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    _assert_all_close([got, *stats[0]], [want, *stats[1]], tol)
+    scale, shift = torch.rand(6, dtype=stats[0][0].dtype) + 0.5, torch.randn(6, dtype=stats[0][0].dtype)
+    h = cpu.rc_bn_relu(got, extra, scale, shift, extra)
+    assert h.stride() == got.stride()
+    _assert_all_close([h], [oracle.rc_bn_relu(got, extra, scale, shift, extra)], 8e-3 if dtype == torch.bfloat16 else tol)
+    dh, dfeed = torch.randn_like(got), torch.randn_like(got) if with_extras else None
+    rstd, gamma = torch.rand(6, dtype=scale.dtype) + 0.5, torch.randn(6, dtype=scale.dtype)
+    mine = None if dfeed is None else dfeed.clone()
+    result = cpu.rc_bn_relu_bwd(got, dh, scale, shift, stats[0][0], rstd, gamma, mine, True)
+    expected = oracle.rc_bn_relu_bwd(got, dh, scale, shift, stats[0][0], rstd, gamma, dfeed, True)
+    _assert_all_close(list(result) + ([mine] if with_extras else []),
+                      list(expected) + ([dfeed] if with_extras else []), 8e-3 if dtype == torch.bfloat16 else tol)
+
+
+@requires_cpp
+def test_cpu_statistics_do_not_cancel_at_a_large_mean():
+    from r2unet_fast.ops import cpu
+
+    s = (torch.randn(4, 3, 33, 35, dtype=torch.float64) + 1e4).float()  # std 1 around 1e4
+    mean, var = cpu.rc_add_stats(s.clone(), None)
+    want_mean, want_var = oracle.rc_add_stats(s.clone(), None)
+    torch.testing.assert_close(var.double(), want_var.double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), want_mean.double(), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    c = 3
+    x = _x(2, 2, 3, 4, device=backend.device).requires_grad_()
+    w_f = (torch.randn(c, 2, 3, 3, dtype=torch.float64) * 0.3).to(backend.device).requires_grad_()
+    b_f = torch.randn(c, dtype=torch.float64, device=backend.device).requires_grad_()
+    w_r = (torch.randn(c, c, 3, 3, dtype=torch.float64) * 0.3).to(backend.device).requires_grad_()
+    gammas = [(torch.rand(c, dtype=torch.float64) + 0.5).to(backend.device).requires_grad_() for _ in range(3)]
+    betas = [torch.randn(c, dtype=torch.float64, device=backend.device).requires_grad_() for _ in range(3)]
+    residual = torch.randn(2, c, 3, 4, dtype=torch.float64, device=backend.device).requires_grad_()
+    stats = [torch.zeros(c, dtype=torch.float64, device=backend.device) for _ in range(3)]
+
+    def fn(x, w_f, b_f, w_r, g0, g1, g2, b0, b1, b2, residual):
+        return ops.recurrent_conv(x, w_f, b_f, w_r, [g0, g1, g2], [b0, b1, b2], stats, [s + 1 for s in stats],
+                                  t=2, training=True, residual=residual, backend=backend.name)
+
+    assert torch.autograd.gradcheck(fn, (x, w_f, b_f, w_r, *gammas, *betas, residual), eps=1e-6, atol=1e-6,
+                                    fast_mode=True)
+
+
+CONFIGS = list(itertools.product([0, 1, 2, 3], [False, True], [False, True]))
+# Through the Triton interpreter (minutes per configuration) a spread of configurations: the step
+# loop around the passes is the same Python for both backends, and the cpu backend runs them all.
+INTERPRETED = [(0, False, False), (2, True, True), (3, False, True)]
+
+
+def _block_params() -> list:
+    params = []
+    for case in BACKENDS:
+        interpreted = case.values[0].name == "triton" and case.values[0].device.type == "cpu"
+        for t, tied, shared in INTERPRETED if interpreted else CONFIGS:
+            params.append(pytest.param(case.values[0], t, tied, shared, marks=case.marks,
+                                       id=f"t{t}-{'tied' if tied else 'untied'}-{'shared' if shared else 'per_step'}"
+                                          f"-{case.id}"))
+    return params
+
+
+@pytest.mark.parametrize("backend, t, tied, shared_norm", _block_params())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_rrcu_block_matches_the_reference_in_training_and_eval(backend, t, tied, shared_norm, channels_last):
+    ref, fast = _pair(RRCUBlock(5, 6, t, tied=tied, shared_norm=shared_norm), backend)
+    x = _x(2, 5, 7, 9, device=backend.device, channels_last=channels_last)
+    got, want = _train_steps(fast, x), _train_steps(ref, x)
+    _assert_all_close(got, want, 1e-9)
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        _assert_all_close([fast(x)], [ref(x)], 1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_recurrent_conv_alone_float32_running_stats_and_momentum(backend, momentum):
+    block = RecurrentConv(5, 6, 2)
+    for norm in block.norms:
+        norm.momentum = momentum
+    ref, fast = _pair(block, backend, torch.float32)
+    x = _x(3, 5, 7, 6, device=backend.device, dtype=torch.float32, channels_last=True)
+    _assert_all_close(_train_steps(fast, x, steps=3), _train_steps(ref, x, steps=3), 2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_with_gradients_matches_the_reference(backend):
+    ref, fast = _pair(RRCUBlock(4, 4, 2), backend)
+    x = _x(2, 4, 5, 6, device=backend.device)
+    _train_steps(ref, x, 1), _train_steps(fast, x, 1)
+    for model in (ref, fast):
+        model.zero_grad()
+        model.eval()
+    got, want = _train_steps(fast, x, 1, train=False), _train_steps(ref, x, 1, train=False)
+    _assert_all_close(got, want, 1e-9)
+    assert fast.rc1.runs_on() == "cpu" or fast.rc1.runs_on().startswith("triton")  # it is the fast module's call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_like_the_reference(backend):
+    ref, fast = _pair(RRCUBlock(3, 4, 2), backend)
+    x = _x(2, 3, 6, 5, device=backend.device)
+    x[1, 2, 3, 1] = float("nan")
+    got, want = _train_steps(fast, x, 1), _train_steps(ref, x, 1)
+    for a, b in zip(got, want):
+        if a is not None:
+            assert torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_buffers_are_fully_written(backend, monkeypatch):
+    ref, fast = _pair(RRCUBlock(3, 4, 2), backend)
+    x = _x(2, 3, 6, 5, device=backend.device, channels_last=True)
+    want = _train_steps(ref, x, 1)
+    with poisoned_allocations(monkeypatch):
+        got = _train_steps(fast, x, 1)
+    _assert_all_close(got, want, 1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_autocast_ratio_rule(backend):
+    # error(fast vs float64) <= 2 x error(reference under autocast vs float64) + a few bf16 ulp
+    block = RRCUBlock(6, 8, 2)
+    exact_model, _ = _pair(copy.deepcopy(block), backend)
+    ref, fast = _pair(block, backend, torch.float32)
+    x = _x(2, 6, 9, 7, device=backend.device, dtype=torch.float32, channels_last=True)
+    exact = _train_steps(exact_model, x.double(), 1)
+    results = []
+    for model in (ref, fast):
+        with torch.autocast(backend.device.type, dtype=torch.bfloat16):
+            results.append(_train_steps(model, x, 1))
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (r, f, e) in enumerate(zip(*results, exact)):
+        if e is None or not e.is_floating_point():
+            continue
+        ref_err = (r.double() - e.double()).abs().max().item()
+        fast_err = (f.double() - e.double()).abs().max().item()
+        assert fast_err <= 2 * ref_err + 4 * eps * e.double().abs().max().item(), (i, fast_err, ref_err)
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x.detach().clone().requires_grad_())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_only_inputs_and_step_states_for_backward(backend):
+    ref, fast = _pair(RRCUBlock(8, 8, 2), backend, torch.float32)
+    x = _x(2, 8, 16, 16, device=backend.device, dtype=torch.float32, channels_last=True)
+    ref.train(), fast.train()
+    saved_fast, saved_ref = _saved_bytes(fast, x), _saved_bytes(ref, x)
+    act = x.numel() * x.element_size()  # one activation (8 channels in and out)
+    # eager: x, x0, and per unit each step's BatchNorm input and ReLU output (the ReLU outputs are the
+    # next convolution's inputs): 2 + 2 * 2 * 3 = 14 activations. Fused: x, x0, rc1's output (rc2's
+    # input) and per unit each s_k: 3 + 2 * 3 = 9, plus weights and per-channel statistics.
+    assert saved_ref >= 14 * act
+    assert 9 * act <= saved_fast <= 9 * act + 64 * 1024, (saved_fast / act, saved_ref / act)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_pass_opcheck(backend):
+    lib.register(backend.name)
+    namespace = torch.ops.r2unet_fast
+    train = getattr(namespace, lib.op_name(backend.name, "train"))
+    evaluate = getattr(namespace, lib.op_name(backend.name, "eval"))
+    dev = backend.device
+    x = _x(2, 3, 4, 5, device=dev)
+    w_f, w_r = torch.randn(4, 3, 3, 3, dtype=x.dtype, device=dev), torch.randn(4, 4, 3, 3, dtype=x.dtype, device=dev)
+    b_f, gamma, beta = (torch.randn(k, dtype=x.dtype, device=dev) for k in (4, (3, 4), (3, 4)))
+    residual = torch.randn(2, 4, 4, 5, dtype=x.dtype, device=dev)
+    for res in (None, residual):
+        args = [t.clone().requires_grad_() for t in (x, w_f, b_f, w_r, gamma, beta)]
+        torch.library.opcheck(train.default, (*args, res, 2, 1e-5))
+    torch.library.opcheck(evaluate.default, (x, w_f, b_f, w_r, gamma, beta, residual, 2))
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+def test_block_compiles_without_graph_breaks(backend):
+    ref, fast = _pair(RRCUBlock(3, 4, 2), backend, torch.float32)
+    x = _x(2, 3, 8, 6, dtype=torch.float32, channels_last=True)
+    compiled = copy.deepcopy(fast)
+
+    def step(model, x):
+        return model(x).square().mean()
+
+    compiled_step = torch.compile(step, fullgraph=True)
+    for model, fn in ((fast, step), (compiled, compiled_step)):
+        model.train()
+        loss = fn(model, x)
+        loss.backward()
+    _assert_all_close([p.grad for p in compiled.parameters()] + list(compiled.buffers()),
+                      [p.grad for p in fast.parameters()] + list(fast.buffers()), 1e-5)
+
+
+def test_synchronised_norms_stay_on_the_reference_and_say_why():
+    from r2unet_fast.nn.sync_norm import DistributedBatchNorm2d
+
+    block = RecurrentConv(4, 4, 1, backend="auto")
+    assert not block.runs_on().startswith("reference")
+    block.norms[0] = DistributedBatchNorm2d(4)
+    assert block.runs_on().startswith("reference (DistributedBatchNorm2d norms")
+    assert "runs_on='reference (" in repr(block)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(t=-1), "t (recurrent steps) must be an int >= 0"),
+    (dict(t=3), "one BatchNorm shared by every step or one per step"),
+    (dict(w_r=torch.randn(4, 3, 3, 3)), "w_r"),
+    (dict(x=torch.randn(2, 5, 6, 6)), "w_f"),
+    (dict(x=torch.randn(1, 3, 1, 1)), "more than one value per channel"),
+    (dict(betas=[torch.zeros(4)]), "betas must have one entry per BatchNorm"),
+])
+def test_bad_input_raises_a_clear_error(kwargs, message):
+    args = dict(x=torch.randn(2, 3, 6, 6), w_f=torch.randn(4, 3, 3, 3), b_f=torch.zeros(4), w_r=torch.randn(4, 4, 3, 3),
+                gammas=[torch.ones(4)] * 3, betas=[torch.zeros(4)] * 3, running_means=[torch.zeros(4)] * 3,
+                running_vars=[torch.ones(4)] * 3, t=2, training=True)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.recurrent_conv(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_relu_backward_stops_the_gradient_at_exactly_zero(backend):
+    # eager relu's backward (threshold_backward) gives 0 where the output is exactly 0; a pass that
+    # tests "< 0" instead would let the upstream gradient through there
+    import importlib
+
+    passes = importlib.import_module(lib._LAUNCHERS[backend.name])
+    s = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    s[:, :, ::2] = 0.0  # pre-activation s * scale + 0 is exactly 0 here
+    s = s.to(backend.device)
+    dh = torch.randn_like(s)
+    scale, shift = torch.rand(3, dtype=s.dtype, device=s.device) + 0.5, torch.zeros(3, dtype=s.dtype, device=s.device)
+    mean, rstd, gamma = (torch.randn(3, dtype=s.dtype, device=s.device) for _ in range(3))
+    got = passes.rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, None, True)
+    want = oracle.rc_bn_relu_bwd(s.cpu(), dh.cpu(), scale.cpu(), shift.cpu(), mean.cpu(), rstd.cpu(), gamma.cpu(),
+                                 None, True)
+    _assert_all_close([g.cpu() for g in got], list(want), 1e-12)
