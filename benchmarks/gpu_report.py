@@ -218,9 +218,16 @@ def section_attention_gate(ctx: Context) -> dict:
     return section(ctx)
 
 
+def section_recurrent_conv(ctx: Context) -> dict:
+    from benchmarks.gpu_report_recurrent_conv import section_recurrent_conv as section
+
+    return section(ctx)
+
+
 # Each op's section returns {"name", "timings", ...}; later ops add theirs.
 SECTIONS: dict[str, Callable[[Context], dict]] = {"hybrid_loss": section_hybrid_loss,
-                                                  "attention_gate": section_attention_gate}
+                                                  "attention_gate": section_attention_gate,
+                                                  "recurrent_conv": section_recurrent_conv}
 
 
 def _write_json(path: str, report: dict) -> None:

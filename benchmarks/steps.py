@@ -76,3 +76,32 @@ def saved_for_backward_bytes(fn: Callable[[], object], inputs: tuple[torch.Tenso
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+def module_step(model: torch.nn.Module, x: torch.Tensor, pass_: str) -> Callable[[], None]:
+    """A no-argument callable running ``model(x)`` in training mode forward only (under no_grad; the
+    BatchNorm statistics still update) or forward and backward of a fixed upstream gradient, under
+    autocast when ``x`` is half precision (float32 weights, as a model trains)."""
+    if pass_ not in PASSES:
+        raise ValueError(f"unknown pass {pass_!r}; choose one of {', '.join(PASSES)}")
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    model.train()
+
+    def call() -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=x.dtype, enabled=half):
+            return model(x)
+
+    if pass_ == "fwd":
+        def fwd() -> None:
+            with torch.no_grad():
+                call()
+        return fwd
+    with torch.no_grad():
+        grad_out = torch.randn_like(call())
+
+    def fwd_bwd() -> None:
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        call().backward(grad_out)
+    return fwd_bwd
