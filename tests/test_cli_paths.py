@@ -16,6 +16,14 @@ from r2unet_fast.train.cli import main as train_main
 
 # A folder no user can write to, root included: procfs refuses new files to everyone.
 UNWRITABLE = Path("/proc/r2unet-fast-test")
+needs_proc = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (unwritable even for root)")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("paths") / "run"
+    assert train_main([*TINY, "--out", str(out)]) == 0
+    return out
 
 
 def _must_not_run(*args, **kwargs):
@@ -120,3 +128,23 @@ def test_one_training_per_run_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     code, stdout, err = run(train_main, ["--resume", str(out), "--epochs", str(epoch + 1)], capsys)
     assert code == 0, err  # the OS dropped the dead process's lock: a stale lock file does not block
     assert f"resuming after epoch {epoch}" in stdout
+
+
+# ---- evaluate ------------------------------------------------------------------------------------------
+
+def test_evaluate_out_that_is_a_folder_fails_before_scoring(tiny_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    monkeypatch.setattr(evaluate, "score", _must_not_run)
+    code, _, err = run(evaluate.main, ["--checkpoint", str(tiny_run), "--split", "val", "--out", str(folder)], capsys)
+    assert_usage_error(code, err, str(folder), "is a folder")
+
+
+@needs_proc
+def test_evaluate_out_in_an_unwritable_folder(tiny_run: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(evaluate, "score", _must_not_run)
+    code, _, err = run(evaluate.main, ["--checkpoint", str(tiny_run), "--out", str(UNWRITABLE / "e.json")], capsys)
+    assert_usage_error(code, err, str(UNWRITABLE / "e.json"), "cannot write")

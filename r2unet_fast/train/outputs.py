@@ -66,6 +66,14 @@ def check_output_folder(folder: Path, flag: str = "--out", subfolders: Sequence[
             probe_folder(folder / name, flag, shown=folder)
 
 
+def check_output_file(path: Path, flag: str = "--out") -> None:
+    """``path`` names a file (not a folder) in a folder this process can write to; UsageError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; {flag} takes a file name, e.g. {path / 'summary.json'}")
+    probe_folder(path.parent, flag, shown=path)
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<run>/.lock``, held while one training writes the run folder.
 
