@@ -7,9 +7,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from train_support import TINY, assert_usage_error, python, run, subprocess_env
+from PIL import Image
+from train_support import TINY, assert_usage_error, python, read_image, rgb, run, subprocess_env
 
 from r2unet_fast import evaluate, predict
 from r2unet_fast.train.cli import main as train_main
@@ -148,3 +150,61 @@ def test_evaluate_out_in_an_unwritable_folder(tiny_run: Path, capsys: pytest.Cap
     monkeypatch.setattr(evaluate, "score", _must_not_run)
     code, _, err = run(evaluate.main, ["--checkpoint", str(tiny_run), "--out", str(UNWRITABLE / "e.json")], capsys)
     assert_usage_error(code, err, str(UNWRITABLE / "e.json"), "cannot write")
+
+
+# ---- predict: never overwrite an input or a file it did not write -----------------------------------
+
+def _labelled_folder(root: Path) -> Path:
+    """``IMD002.png`` with its ground truth ``IMD002_mask.png`` beside it, as in PH2-like layouts."""
+    root.mkdir(parents=True)
+    Image.fromarray(rgb(40, 30)).save(root / "IMD002.png")
+    truth = np.zeros((30, 40), np.uint8)
+    truth[5:20, 10:30] = 255
+    Image.fromarray(truth).save(root / "IMD002_mask.png")
+    return root
+
+
+def test_predict_into_its_input_folder_keeps_the_ground_truth(tiny_run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _labelled_folder(tmp_path / "gt")
+    truth = (folder / "IMD002_mask.png").read_bytes()
+    code, _, err = run(predict.main, ["--checkpoint", str(tiny_run), str(folder), "--out", str(folder)], capsys)
+    assert_usage_error(code, err, str(folder / "IMD002_mask.png"), "--overwrite")
+    assert (folder / "IMD002_mask.png").read_bytes() == truth
+    assert sorted(p.name for p in folder.iterdir()) == ["IMD002.png", "IMD002_mask.png"], "refused before any work"
+
+
+def test_predict_overwrite_and_reruns_never_read_their_own_outputs(tiny_run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _labelled_folder(tmp_path / "gt")
+    argv = ["--checkpoint", str(tiny_run), str(folder), "--out", str(folder)]
+    for _ in range(2):  # the second run finds the first run's masks and overlays in its input folder
+        code, stdout, err = run(predict.main, [*argv, "--overwrite"], capsys)
+        assert code == 0, err
+        assert "wrote 1 masks and overlays" in stdout and "IMD002_mask.png:" not in stdout
+    mask = read_image(folder / "IMD002_mask.png")
+    assert mask.size == (40, 30) and set(np.unique(np.asarray(mask))) <= {0, 255}
+    code, _, err = run(predict.main, argv, capsys)
+    assert_usage_error(code, err, "IMD002_mask.png", "IMD002_overlay.png", "--overwrite")
+
+
+def test_predict_never_writes_over_an_input_even_with_overwrite(tiny_run: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in ("a.png", "a_mask.png"):  # a photo that happens to carry predict's output name
+        Image.fromarray(rgb(20, 20)).save(images / name)
+    before = (images / "a_mask.png").read_bytes()
+    code, _, err = run(predict.main, ["--checkpoint", str(tiny_run), str(images / "a.png"), str(images / "a_mask.png"),
+                                      "--out", str(images), "--overwrite"], capsys)
+    assert_usage_error(code, err, str(images / "a_mask.png"), "input")
+    assert (images / "a_mask.png").read_bytes() == before
+
+
+def test_predict_out_that_is_a_file(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image, taken = tmp_path / "x.png", tmp_path / "taken"
+    Image.fromarray(rgb(20, 20)).save(image)
+    taken.write_text("mine")
+    code, _, err = run(predict.main, ["--checkpoint", str(tiny_run), str(image), "--out", str(taken)], capsys)
+    assert_usage_error(code, err, str(taken), "not a folder")
+    assert taken.read_text() == "mine"

@@ -22,6 +22,7 @@ except ImportError:  # Windows: no flock; runs there are not locked (see RunLock
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".lock"
+_LISTED = 5  # paths named in one error line; the rest are counted
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -72,6 +73,36 @@ def check_output_file(path: Path, flag: str = "--out") -> None:
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; {flag} takes a file name, e.g. {path / 'summary.json'}")
     probe_folder(path.parent, flag, shown=path)
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    names = ", ".join(str(path) for path in paths[:_LISTED])
+    return names + (f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else "")
+
+
+def check_overwrites(outputs: Sequence[Path], inputs: Sequence[Path], *, overwrite: bool,
+                     flag: str = "--out") -> None:
+    """Refuse (UsageError) before any work when one of ``outputs`` is one of ``inputs`` (never
+    allowed: the command would destroy what it reads), is a folder, or already exists and
+    ``overwrite`` is false (a file this run did not write: ground truth, another model's masks)."""
+    def key(path: Path) -> str:  # the same file under two spellings, or through a symlink
+        return os.path.realpath(path)
+
+    read = {key(path) for path in inputs}
+    clobbered = [path for path in outputs if key(path) in read]
+    if clobbered:
+        raise UsageError(f"{flag} would overwrite input {_listed(clobbered)}; pick another {flag}, outside the "
+                         "input folders, or rename the inputs")
+    folders = [path for path in outputs if path.is_dir()]
+    if folders:
+        raise UsageError(f"{flag}: {_listed(folders)} {'is a folder' if len(folders) == 1 else 'are folders'} "
+                         f"where an output file goes; move it or pick another {flag}")
+    existing = [path for path in outputs if os.path.lexists(path)]
+    if existing and not overwrite:
+        several = len(existing) > 1
+        raise UsageError(f"{flag}: {len(existing)} output file{'s' if several else ''} already "
+                         f"exist{'' if several else 's'}: {_listed(existing)}; pass --overwrite to replace "
+                         f"{'them' if several else 'it'}, or pick another {flag}")
 
 
 class RunLock:
