@@ -26,6 +26,7 @@ from .train.cli import ArgumentParser, add_inference_arguments, load_for_inferen
 from .train.config import TrainConfig
 from .train.inference import predict_probs, resize_probs
 from .train.loaders import build_splits
+from .train.outputs import check_output_file
 
 PARTS: tuple[str, ...] = ("val", "test", "all")
 
@@ -89,12 +90,14 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     model, trained, state, device = load_for_inference(args)
     config = evaluation_config(trained, args)
+    default_out = run_folder(Path(state["path"])) / "eval" / f"{config.dataset}-{args.split}.json"
+    out = Path(args.out) if args.out else default_out
+    for path in (out, out.with_suffix(".csv")):  # before scoring: a bad --out must not cost the evaluation
+        check_output_file(path, "--out")  # the default one too: a read-only run folder needs an --out
     datasets = build_splits(config, augment=False)
     dataset = datasets[args.split]
     accumulator = score(model, dataset, device, amp=args.amp, tta=args.tta, batch_size=args.batch_size,
                         workers=args.workers)
-    default_out = run_folder(Path(state["path"])) / "eval" / f"{config.dataset}-{args.split}.json"
-    out = Path(args.out) if args.out else default_out
     resolution = "original" if hasattr(dataset, "samples") else f"generated {config.image_size}x{config.image_size}"
     summary = {"checkpoint": state["path"], "epoch": state["epoch"], "dataset": config.dataset, "data": config.data,
                "split": args.split, "split_scheme": config.split, "images": accumulator.count,

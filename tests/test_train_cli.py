@@ -191,6 +191,10 @@ def test_image_size_not_divisible_names_nearest(tmp_path: Path, capsys: pytest.C
     (["--amp", "fp16", "--device", "cpu"], ("fp16", "CUDA")),
     (["--dataset", "synthetic", "--data", "x"], ("drop --data",)),
     (["--split", "all"], ("--split all",)),
+    (["--seed", "-1"], ("--seed", "-1", "4294967295")),
+    (["--seed", str(2**32)], ("--seed", "4294967296")),
+    (["--lr", "inf"], ("--lr", "finite")),
+    (["--min-lr-ratio", "5"], ("--min-lr-ratio", "[0, 1]")),
 ])
 def test_bad_values(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                     needles: tuple[str, ...]) -> None:

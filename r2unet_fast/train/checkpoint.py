@@ -67,11 +67,28 @@ def resolve_checkpoint(path: str | Path, name: str = "last.pt") -> Path:
     return path
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save has written zip archives since torch 1.6
+
+
+def _check_archive(path: Path) -> None:
+    """UsageError unless ``path`` starts like a torch.save archive. torch.load would otherwise fall back
+    to its legacy format and fail on a text file with a bare ``KeyError: 104``."""
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(len(ZIP_MAGIC))
+    except OSError as error:
+        raise UsageError(f"cannot read checkpoint {path} ({error.strerror or error}); check its permissions") from None
+    if magic != ZIP_MAGIC:
+        raise UsageError(f"{path} is not a PyTorch checkpoint, so not written by r2unet_fast.train; pass a run "
+                         "folder or a .pt file the trainer wrote")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     name: str = "last.pt") -> dict[str, Any]:
     """Read a trainer checkpoint (a .pt file, or ``checkpoints/<name>`` of a run folder); UsageError when
     it is missing or foreign."""
     path = resolve_checkpoint(path, name)
+    _check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:

@@ -23,6 +23,7 @@ from .config import AMP_MODES, OPTIMIZERS, PRESETS, TrainConfig, UsageError, che
     parse_pos_weight, read_config_file, resolve_config
 from .distributed import DistContext, setup_distributed
 from .inference import load_model
+from .outputs import RunLock, claim_run_folder
 from .runtime import check_amp, resolve_device
 from .trainer import Trainer, TrainingDiverged, check_sync_bn
 
@@ -144,17 +145,21 @@ def run_folder(checkpoint: Path) -> Path:
 
 
 def new_run_folder(requested: str | None, dist: DistContext) -> Path:
-    """``requested`` (refusing one that already holds a run) or a fresh ``runs/<timestamp>``, agreed by all ranks."""
+    """``requested`` or a fresh ``runs/<timestamp>``, agreed by all ranks. :func:`claim_run_folder` then
+    checks that it can be written and holds no run yet, and locks it."""
     if requested is not None:
-        out = Path(requested).expanduser()
-        if (out / CHECKPOINT_DIR / "last.pt").exists():
-            raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} or pick another --out")
-        return out
+        return Path(requested).expanduser()
     if dist.is_main:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out, suffix = Path("runs") / stamp, 1
-        while out.exists():
-            out, suffix = Path("runs") / f"{stamp}-{suffix}", suffix + 1
+        while True:
+            try:  # mkdir, not exists(): two runs started in the same second must not pick the same folder
+                out.mkdir(parents=True)
+                break
+            except FileExistsError:
+                out, suffix = Path("runs") / f"{stamp}-{suffix}", suffix + 1
+            except OSError:
+                break  # unwritable: claim_run_folder reports it on every rank
     else:
         out = None
     return Path(dist.broadcast(out))
@@ -183,9 +188,11 @@ def _train(argv: Sequence[str] | None) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     dist = setup_distributed(config.device)
+    lock: RunLock | None = None
     try:
         check_sync_bn(config, dist)  # before a run folder exists
         out = Path(config.out) if state is not None else new_run_folder(config.out, dist)
+        lock = claim_run_folder(out, dist, new=state is None)  # held until this run ends
         config.out = str(out)
         started = time.perf_counter()
         trainer = Trainer(config, dist, out, resume=state)
@@ -212,6 +219,8 @@ def _train(argv: Sequence[str] | None) -> int:
             "predictions.png, config.json")
         return 0
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown()
 
 

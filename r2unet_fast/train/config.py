@@ -24,6 +24,7 @@ from ..ops.dispatch import BACKEND_CHOICES, ensure_available
 PRESETS: tuple[str, ...] = ("cpu-demo", "ph2-cpu", "r2attunet-64", "paper")
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adam")
+MAX_SEED = 2**32 - 1  # np.random.seed's limit; the seed also feeds torch and the split shuffles
 # Fields that may change when a run is resumed; the rest define the run and must not. ``compile`` is here
 # because torch.compile changes how the same maths runs, not what the run computes.
 RESUMABLE: frozenset[str] = frozenset({"epochs", "patience", "workers", "device", "backend", "out", "preview",
@@ -178,6 +179,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist; check the --config path") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not a text file (a JSON or TOML file in UTF-8 is expected); "
+                         "check the --config path") from None
     except OSError as error:
         raise UsageError(f"cannot read config file {path}: {error.strerror or error}") from None
     return _parse_settings(text, path)
@@ -208,8 +212,8 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(flag: str, value: float, minimum: float = 1) -> None:
-    if not value >= minimum:
-        raise UsageError(f"{flag} must be >= {minimum:g}, got {value}")
+    if not (value >= minimum and math.isfinite(value)):  # inf passes ">=", NaN fails it; both are refused
+        raise UsageError(f"{flag} must be a finite number >= {minimum:g}, got {value}")
 
 
 def nearest_valid_size(size: int, multiple: int) -> int:
@@ -230,10 +234,15 @@ def validate(config: TrainConfig) -> TrainConfig:
                              ("--depth", config.depth, 2), ("--t", config.t, 0), ("--patience", config.patience, 0),
                              ("--preview", config.preview, 0), ("--lr", config.lr, 1e-12),
                              ("--weight-decay", config.weight_decay, 0), ("--warmup-epochs", config.warmup_epochs, 0),
-                             ("--grad-clip", config.grad_clip, 0), ("--min-lr-ratio", config.min_lr_ratio, 0)):
+                             ("--grad-clip", config.grad_clip, 0)):
         _positive(flag, value, low)
     if not 0.0 <= config.dice_weight <= 1.0:
         raise UsageError(f"--dice-weight must be in [0, 1], got {config.dice_weight}")
+    if not 0.0 <= config.min_lr_ratio <= 1.0:  # above 1 the "cosine decay" would climb past --lr
+        raise UsageError(f"--min-lr-ratio must be in [0, 1] (the final LR as a fraction of --lr), "
+                         f"got {config.min_lr_ratio}")
+    if not 0 <= config.seed <= MAX_SEED:  # NumPy's seeding refuses anything else, mid-start-up
+        raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {config.seed}")
     if config.workers is not None:
         _positive("--workers", config.workers, 0)
     if min(config.synthetic_sizes) < 1:
