@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,12 @@ class AugmentedItems(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draw; call before iterating the DataLoader for that epoch."""
         self._epoch.fill_(epoch)
+
+    def without_augmentation(self) -> "AugmentedItems":
+        """A view of the same items, un-augmented (for mask statistics and BatchNorm calibration)."""
+        plain = copy.copy(self)
+        plain.augment, plain._augmenter = False, None
+        return plain
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Datasets and DataLoaders of a run, and the ``--pos-weight auto`` estimate."""
+"""Datasets and DataLoaders of a run."""
 from __future__ import annotations
 
 import os
@@ -61,19 +61,3 @@ def eval_loader(dataset: Dataset, dist: DistContext, batch_size: int, workers: i
     """In-order loader over this rank's shard of ``dataset``."""
     return make_loader(dataset, ShardSampler(len(dataset), dist.rank, dist.world_size), batch_size, workers,
                        dist.device)
-
-
-def positive_weight(dataset: Dataset, dist: DistContext, batch_size: int, workers: int) -> float:
-    """Background / lesion pixel ratio over ``dataset``'s masks (pass an un-augmented dataset).
-
-    Each rank counts its shard; the counts are summed over ranks.
-    """
-    lesion = total = 0.0
-    for batch in eval_loader(dataset, dist, batch_size, workers):
-        lesion += float(batch["mask"].sum(dtype=torch.float64))
-        total += batch["mask"].numel()
-    lesion, total = dist.sum([lesion, total])
-    if lesion == 0:
-        raise UsageError("the training masks contain no lesion pixels, so --pos-weight auto is undefined; "
-                         "check the masks or pass --pos-weight 1")
-    return (total - lesion) / lesion

@@ -22,11 +22,12 @@ from ..metrics import METRICS, MetricAccumulator
 from ..nn import R2AttUNet
 from ..nn.sync_norm import convert_sync_batchnorm
 from . import optim
+from .census import MaskCensus, check_training_masks, mask_census, positive_weight_of
 from .checkpoint import CHECKPOINT_DIR, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, UsageError
 from .distributed import DistContext
 from .inference import build_model, to_device, to_input
-from .loaders import build_splits, eval_loader, make_loader, positive_weight, train_sampler
+from .loaders import build_splits, eval_loader, make_loader, train_sampler
 from .logs import TAIL_COLUMNS, RunLog, progress
 from .plots import plot_curves, plot_predictions
 from .runtime import autocast, check_amp, default_workers, deterministic_algorithms, peak_memory_mb, \
@@ -70,6 +71,7 @@ class Trainer:
         self.workers = config.workers if config.workers is not None else \
             default_workers(self.device, dist.local_world_size)
         self.datasets = self.build_datasets()
+        self.census = self.count_masks(resume is None and config.pos_weight == "auto")
         self.loader_generator = torch.Generator()
         sampler = train_sampler(self.datasets["train"], dist, config.seed)
         self.train_loader = make_loader(self.datasets["train"], sampler, config.batch_size, self.workers,
@@ -113,6 +115,19 @@ class Trainer:
         """train/val/test datasets (train augmented when ``config.augment``)."""
         return build_splits(self.config)
 
+    def count_masks(self, needed: bool) -> MaskCensus | None:
+        """Count the un-augmented training masks (for file datasets, or when ``needed``): an error when
+        all or most are empty, a note when a few are. Generated data skips it unless ``needed``."""
+        train = self.datasets["train"]
+        if not (needed or hasattr(train, "samples")):
+            return None
+        plain = train.without_augmentation() if hasattr(train, "without_augmentation") else train
+        census = mask_census(plain, self.dist, self.config.batch_size, self.workers)
+        note = check_training_masks(census, self.config.image_size)
+        if note is not None:
+            self.log.say(note)
+        return census
+
     def build_model(self) -> R2AttUNet:
         return build_model(self.config)
 
@@ -132,8 +147,8 @@ class Trainer:
         training masks (counted once, at the training resolution)."""
         if self.config.pos_weight != "auto":
             return float(self.config.pos_weight)
-        plain = build_splits(self.config, augment=False)["train"]
-        value = positive_weight(plain, self.dist, self.config.batch_size, self.workers)
+        census = self.census if self.census is not None else self.count_masks(True)
+        value = positive_weight_of(census)
         self.log.say(f"--pos-weight auto: background/lesion pixel ratio of the training masks = {value:.4f}")
         return value
 
