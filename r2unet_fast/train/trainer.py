@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
+from ..data.stored_split import SPLIT_FILE
 from ..files import remove_stale_temporaries
 from ..losses import HybridLoss
 from ..metrics import METRICS, MetricAccumulator
@@ -27,7 +28,7 @@ from .checkpoint import CHECKPOINT_DIR, capture_rng, load_checkpoint, restore_rn
 from .config import TrainConfig, UsageError
 from .distributed import DistContext
 from .inference import build_model, to_device, to_input
-from .loaders import build_splits, eval_loader, make_loader, train_sampler
+from .loaders import eval_loader, make_loader, run_splits, train_sampler
 from .logs import TAIL_COLUMNS, RunLog, progress
 from .plots import plot_curves, plot_predictions
 from .runtime import autocast, check_amp, default_workers, deterministic_algorithms, peak_memory_mb, \
@@ -70,6 +71,10 @@ class Trainer:
                          "AMX or AVX512-BF16; it is meant for CUDA")
         self.workers = config.workers if config.workers is not None else \
             default_workers(self.device, dist.local_world_size)
+        # The split a resumed run started with; build_datasets reapplies it and sets self.split.
+        self.split: dict[str, Any] | None = None
+        self._resume_split = resume.get("split") if resume is not None else None
+        self._resume_path = resume.get("path", "the checkpoint") if resume is not None else None
         self.datasets = self.build_datasets()
         self.census = self.count_masks(resume is None and config.pos_weight == "auto")
         self.loader_generator = torch.Generator()
@@ -112,8 +117,17 @@ class Trainer:
 
     # ---- construction hooks -------------------------------------------------------------------
     def build_datasets(self) -> dict[str, Dataset]:
-        """train/val/test datasets (train augmented when ``config.augment``)."""
-        return build_splits(self.config)
+        """train/val/test datasets (train augmented when ``config.augment``). A fresh run splits the data as
+        it is now; a resumed one reapplies the split stored in its checkpoint. Sets ``self.split`` (stored in
+        checkpoints and split.json) and makes ``config.data`` absolute, so the run can be resumed or
+        evaluated from any directory."""
+        data = run_splits(self.config, self._resume_split, checkpoint=self._resume_path)
+        for note in data.notes:
+            self.log.say(note)
+        self.split = data.split
+        if data.split is not None:
+            self.config.data = data.split["data"]
+        return data.datasets
 
     def count_masks(self, needed: bool) -> MaskCensus | None:
         """Count the un-augmented training masks (for file datasets, or when ``needed``): an error when
@@ -275,7 +289,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "best": self.best, "stale_epochs": self.stale_epochs, "pos_weight": self.pos_weight,
-                "history": self.history, "rng": capture_rng(), "config": self.config.to_dict(),
+                "history": self.history, "rng": capture_rng(), "config": self.config.to_dict(), "split": self.split,
                 "versions": {"r2unet_fast": __version__, "torch": str(torch.__version__)}}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -308,6 +322,8 @@ class Trainer:
         """Train from ``self.epoch`` to ``config.epochs`` (or early stop), then evaluate the best
         checkpoint on val and test; returns the content of metrics.json."""
         self.log.write_json("config.json", self.config.to_dict())
+        if self.split is not None:
+            self.log.write_json(SPLIT_FILE, self.split)
         with deterministic_algorithms(self.device):
             for epoch in range(self.epoch, self.config.epochs):
                 if self.should_stop():
