@@ -30,6 +30,7 @@ from .distributed import DistContext
 from .inference import build_model, to_device, to_input
 from .loaders import eval_loader, make_loader, run_splits, train_sampler
 from .logs import TAIL_COLUMNS, RunLog, progress
+from .norm_calibration import calibration_epochs, calibration_loader, recalibrate_batchnorm
 from .plots import plot_curves, plot_predictions
 from .runtime import autocast, check_amp, default_workers, deterministic_algorithms, peak_memory_mb, \
     reset_peak_memory, seed_everything
@@ -236,6 +237,19 @@ class Trainer:
         return {"train_loss": loss_sum / images, "lr": lr, "seconds": seconds, "images_per_s": images / seconds,
                 "peak_memory_mb": peak_memory_mb(self.device), "data_wait_share": min(1.0, waited / busy)}
 
+    def calibrate_norms(self, epoch: int) -> None:
+        """While the model is young (the first epoch, and the rest of the LR warm-up), re-estimate the BatchNorm
+        running statistics with the current weights before validating (see :mod:`.norm_calibration`). Every
+        rank runs as many batches (SyncBatchNorm forwards are collectives); :meth:`validate` then hands rank
+        0's statistics to all, and the checkpoints save exactly those."""
+        if epoch >= calibration_epochs(self.config.warmup_epochs):
+            return
+        train = self.datasets["train"]
+        plain = train.without_augmentation() if hasattr(train, "without_augmentation") else train
+        loader = calibration_loader(plain, self.config.batch_size, self.dist.rank, self.dist.world_size,
+                                    self.config.seed, epoch, self.workers)
+        recalibrate_batchnorm(self.model, loader, self.device, self.config.amp)
+
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
         """Mean loss and metrics (:data:`METRICS`, threshold 0.5) over every rank's shard of ``loader``."""
@@ -329,6 +343,7 @@ class Trainer:
                 if self.should_stop():
                     break
                 train = self.train_epoch(epoch)
+                self.calibrate_norms(epoch)
                 val = self.validate(self.eval_loaders["val"])
                 self.on_epoch_end(epoch, train, val)
             return self.on_fit_end()
