@@ -19,13 +19,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import DATASETS, DataError, load_mask
+from .data.registry import resolve_split
 from .metrics import METRICS, MetricAccumulator
 from .nn import R2AttUNet
 from .files import atomic_write_text
 from .train.cli import ArgumentParser, add_inference_arguments, load_for_inference, run_cli, run_folder
 from .train.config import TrainConfig
 from .train.inference import predict_probs, resize_probs
-from .train.loaders import build_splits
+from .train.loaders import build_splits, run_splits
 from .train.outputs import check_output_file
 
 PARTS: tuple[str, ...] = ("val", "test", "all")
@@ -53,6 +54,13 @@ def evaluation_config(trained: TrainConfig, args: argparse.Namespace) -> TrainCo
     scheme = args.split_scheme or (trained.split if same else "default")
     data = args.data if args.data is not None else (trained.data if same else None)
     return dataclasses.replace(trained, dataset=dataset, data=data, split="all" if args.split == "all" else scheme)
+
+
+def uses_stored_split(trained: TrainConfig, config: TrainConfig, part: str) -> bool:
+    """Whether scoring ``part`` with ``config`` means the run's own val/test cases: same dataset and scheme.
+    "all" means every image the data holds now, and another dataset or scheme is a different cut."""
+    return (part != "all" and config.dataset == trained.dataset
+            and resolve_split(config.dataset, config.split) == resolve_split(trained.dataset, trained.split))
 
 
 @torch.no_grad()
@@ -94,12 +102,20 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     out = Path(args.out) if args.out else default_out
     for path in (out, out.with_suffix(".csv")):  # before scoring: a bad --out must not cost the evaluation
         check_output_file(path, "--out")  # the default one too: a read-only run folder needs an --out
-    datasets = build_splits(config, augment=False)
+    data = config.data
+    if uses_stored_split(trained, config, args.split):
+        run_data = run_splits(config, state.get("split"), checkpoint=state["path"], augment=False)
+        for note in run_data.notes:
+            print(note)
+        datasets = run_data.datasets
+        data = run_data.split["data"] if run_data.split is not None else data
+    else:
+        datasets = build_splits(config, augment=False)
     dataset = datasets[args.split]
     accumulator = score(model, dataset, device, amp=args.amp, tta=args.tta, batch_size=args.batch_size,
                         workers=args.workers)
     resolution = "original" if hasattr(dataset, "samples") else f"generated {config.image_size}x{config.image_size}"
-    summary = {"checkpoint": state["path"], "epoch": state["epoch"], "dataset": config.dataset, "data": config.data,
+    summary = {"checkpoint": state["path"], "epoch": state["epoch"], "dataset": config.dataset, "data": data,
                "split": args.split, "split_scheme": config.split, "images": accumulator.count,
                "resolution": resolution, "model_input_size": trained.image_size, "tta": args.tta,
                "metrics": accumulator.compute()}

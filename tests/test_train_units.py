@@ -18,7 +18,8 @@ from r2unet_fast.train.checkpoint import capture_rng, restore_rng
 from r2unet_fast.train.cli import main
 from r2unet_fast.train.config import TrainConfig
 from r2unet_fast.train.distributed import DistContext, ShardSampler, launched_by_torchrun
-from r2unet_fast.train.loaders import build_splits, positive_weight
+from r2unet_fast.train.census import positive_weight
+from r2unet_fast.train.loaders import build_splits
 from r2unet_fast.train.optim import warmup_cosine
 from r2unet_fast.train.trainer import Trainer
 

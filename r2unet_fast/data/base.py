@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from . import io
 from .cache import ResizeCache, default_cache_dir
+from .errors import DataError
 from .transforms import Augmenter, to_tensors
 
 Item = dict[str, object]
@@ -50,6 +52,12 @@ class AugmentedItems(Dataset):
         """Select the augmentation draw; call before iterating the DataLoader for that epoch."""
         self._epoch.fill_(epoch)
 
+    def without_augmentation(self) -> "AugmentedItems":
+        """A view of the same items, un-augmented (for mask statistics and BatchNorm calibration)."""
+        plain = copy.copy(self)
+        plain.augment, plain._augmenter = False, None
+        return plain
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -63,6 +71,10 @@ class AugmentedItems(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         image, mask, sample_id = self._arrays(index)
+        if mask.max(initial=0) > 1:
+            # The losses assume {0, 1} targets; a 0/255 mask would silently train on a wrong objective.
+            raise DataError(f"mask of item {sample_id} holds values other than 0 and 1 (max {int(mask.max())}); "
+                            "decode masks with r2unet_fast.data.load_mask or binarize them in _arrays")
         if self._augmenter is not None:
             image, mask = self._augmenter(image, mask, self.seed, self.epoch, index)
         image_tensor, mask_tensor = to_tensors(image, mask)

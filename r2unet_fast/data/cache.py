@@ -19,8 +19,9 @@ from . import io
 from .errors import DataError
 
 CACHE_ENV = "R2UNET_FAST_CACHE"
-# Bump when the stored layout or the resize recipe changes, so old entries are not reused.
-CACHE_VERSION = 1
+# Bump when the stored layout, the resize recipe or the mask decoding changes, so old entries are not
+# reused. 2: masks read by data.masks (two-valued masks, any channel above half range), not grey > 127.
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -67,7 +68,10 @@ class ResizeCache:
             # A foreign or damaged file is simply rebuilt.
             return None
         expected = (self.image_size, self.image_size, 4)
-        return entry if entry.shape == expected and entry.dtype == np.uint8 else None
+        if entry.shape != expected or entry.dtype != np.uint8:
+            return None
+        # A mask channel outside {0, 1} was not written by this version: rebuild rather than train on it.
+        return entry if entry[..., 3].max(initial=0) <= 1 else None
 
     def _write(self, path: Path, entry: np.ndarray) -> None:
         """Write atomically so concurrent workers or runs never read a half-written entry."""

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .masks import binarize_mask
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 EXTENSION_HINT = "png/bmp/jpg/tif/gif"
@@ -126,16 +127,15 @@ def load_image(path: Path | str, *, draft_size: int | None = None) -> np.ndarray
 def load_mask(path: Path | str) -> np.ndarray:
     """Decode a mask file as uint8 (H, W) with values {0, 1}.
 
-    Grey level > 127 is lesion, except in label masks whose values are only 0 and 1
-    (a common export), where 1 is lesion; reading those at 127 would give empty masks.
+    A two-valued mask marks lesion with its higher value (0/1 label maps, 0/255, black/red);
+    any other mask marks it where a colour channel is above half range (see ``masks``).
     """
     path = Path(path)
     with _open(path, "mask") as mask:
         try:
-            grey = np.asarray(mask.convert("L"))
+            return binarize_mask(mask)
         except _DECODE_ERRORS as error:
             raise _unreadable(path, "mask", error) from error
-    return (grey > (0 if grey.max(initial=0) == 1 else 127)).astype(np.uint8)
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

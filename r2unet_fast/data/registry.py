@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from .base import Sample, SegmentationDataset
 from .errors import DataError
 from .folder import folder_samples
-from .isic2017 import ISIC2017_SPLITS, isic2017_splits
+from .isic2017 import ISIC2017_SPLITS, isic2017_part, isic2017_splits
 from .ph2 import ph2_samples
 from .splits import SPLIT_NAMES, seeded_split
 from .synthetic import SyntheticLesions
@@ -49,20 +49,47 @@ def _checked_root(name: str, root: Path | None) -> Path:
     return root
 
 
+def _listed(name: str, root: Path | None, split: str) -> tuple[Path, str]:
+    split = resolve_split(name, split)
+    if name == "synthetic":
+        raise DataError("the synthetic dataset has no files; write some with write_synthetic_folder")
+    return _checked_root(name, root), split
+
+
 def sample_splits(name: str, root: Path | None, *, split: str, seed: int = 0) -> dict[str, list[Sample]]:
     """The original-resolution files per part for a file-backed dataset (not "synthetic").
 
     Keys are "train", "val", "test", or only "all" for split="all"; each list is what
     ``build_datasets`` wraps, in the same order.
     """
-    split = resolve_split(name, split)
-    if name == "synthetic":
-        raise DataError("the synthetic dataset has no files; write some with write_synthetic_folder")
-    root = _checked_root(name, root)
+    root, split = _listed(name, root, split)
     if name == "isic2017":
         return isic2017_splits(root, split)
     samples = _SAMPLE_LISTERS[name](root)
     return {"all": samples} if split == "all" else seeded_split(samples, seed, root)
+
+
+def scheme_samples(name: str, root: Path | None, *, split: str) -> list[Sample]:
+    """Every case split scheme ``split`` draws its parts from: what a stored split is matched against."""
+    root, split = _listed(name, root, split)
+    if name == "isic2017":
+        # alom cuts the training folder only; listing it directly skips alom's exact-count check, so added
+        # images are reported and left out like anywhere else.
+        if split == "alom":
+            return isic2017_part(root, "train")
+        return isic2017_splits(root, "all")["all"]
+    return _SAMPLE_LISTERS[name](root)
+
+
+def file_datasets(lists: dict[str, list[Sample]], image_size: int, *, seed: int = 0, augment: bool = True,
+                  cache_dir: Path | None = None) -> dict[str, SegmentationDataset]:
+    """One SegmentationDataset per part of ``lists``; only "train" is augmented (when ``augment``)."""
+    return {
+        part: SegmentationDataset(
+            samples, image_size, augment=augment and part == "train", seed=seed, cache_dir=cache_dir
+        )
+        for part, samples in lists.items()
+    }
 
 
 def _synthetic(
@@ -104,9 +131,4 @@ def build_datasets(
             raise DataError(f"the synthetic dataset is generated, not read: drop the root folder {root}")
         return _synthetic(resolve_split(name, split), seed, image_size, augment, synthetic_sizes)
     lists = sample_splits(name, root, split=split, seed=seed)
-    return {
-        part: SegmentationDataset(
-            samples, image_size, augment=augment and part == "train", seed=seed, cache_dir=cache_dir
-        )
-        for part, samples in lists.items()
-    }
+    return file_datasets(lists, image_size, seed=seed, augment=augment, cache_dir=cache_dir)

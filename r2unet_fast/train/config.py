@@ -29,6 +29,9 @@ MAX_SEED = 2**32 - 1  # np.random.seed's limit; the seed also feeds torch and th
 # because torch.compile changes how the same maths runs, not what the run computes.
 RESUMABLE: frozenset[str] = frozenset({"epochs", "patience", "workers", "device", "backend", "out", "preview",
                                        "compile"})
+# Fields that may name a new place for the same thing on resume: the trainer checks --data against the
+# fingerprint of the cases the run stored, so a moved or copied data set is accepted and another one is not.
+RELOCATABLE: frozenset[str] = frozenset({"data"})
 
 
 class UsageError(ValueError):
@@ -264,11 +267,13 @@ def validate(config: TrainConfig) -> TrainConfig:
 
 def check_resume_overrides(saved: TrainConfig, requested: dict[str, Any]) -> TrainConfig:
     """The saved config with the resumable overrides applied; other changes are a UsageError."""
+    changeable = RESUMABLE | RELOCATABLE
     for name, value in requested.items():
-        if name in RESUMABLE or name == "preset":
+        if name in changeable or name == "preset":
             continue
         if _coerce(name, value, "command line") != getattr(saved, name):
             raise UsageError(
                 f"--{name.replace('_', '-')} cannot change on --resume (the run used {getattr(saved, name)!r}); "
-                f"only {', '.join(sorted('--' + n for n in RESUMABLE))} can; start a new run to change it")
-    return validate(apply_values(saved, {k: v for k, v in requested.items() if k in RESUMABLE}, "command line"))
+                f"only {', '.join(sorted('--' + n for n in RESUMABLE))} can (and --data, to the same data "
+                f"elsewhere); start a new run to change it")
+    return validate(apply_values(saved, {k: v for k, v in requested.items() if k in changeable}, "command line"))

@@ -66,6 +66,14 @@ class DistContext:
         dist.all_reduce(packed)
         return packed.cpu().tolist()
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank."""
         return self.sum([float(flag)])[0] > 0 if self.enabled else flag

@@ -16,18 +16,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__
+from ..data.stored_split import SPLIT_FILE
 from ..files import remove_stale_temporaries
 from ..losses import HybridLoss
 from ..metrics import METRICS, MetricAccumulator
 from ..nn import R2AttUNet
 from ..nn.sync_norm import convert_sync_batchnorm
 from . import optim
+from .census import MaskCensus, check_training_masks, mask_census, positive_weight_of
 from .checkpoint import CHECKPOINT_DIR, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, UsageError
 from .distributed import DistContext
 from .inference import build_model, to_device, to_input
-from .loaders import build_splits, eval_loader, make_loader, positive_weight, train_sampler
+from .loaders import eval_loader, make_loader, run_splits, train_sampler
 from .logs import TAIL_COLUMNS, RunLog, progress
+from .norm_calibration import calibration_epochs, calibration_loader, recalibrate_batchnorm
 from .plots import plot_curves, plot_predictions
 from .runtime import autocast, check_amp, default_workers, deterministic_algorithms, peak_memory_mb, \
     reset_peak_memory, seed_everything
@@ -69,7 +72,12 @@ class Trainer:
                          "AMX or AVX512-BF16; it is meant for CUDA")
         self.workers = config.workers if config.workers is not None else \
             default_workers(self.device, dist.local_world_size)
+        # The split a resumed run started with; build_datasets reapplies it and sets self.split.
+        self.split: dict[str, Any] | None = None
+        self._resume_split = resume.get("split") if resume is not None else None
+        self._resume_path = resume.get("path", "the checkpoint") if resume is not None else None
         self.datasets = self.build_datasets()
+        self.census = self.count_masks(resume is None and config.pos_weight == "auto")
         self.loader_generator = torch.Generator()
         sampler = train_sampler(self.datasets["train"], dist, config.seed)
         self.train_loader = make_loader(self.datasets["train"], sampler, config.batch_size, self.workers,
@@ -110,8 +118,30 @@ class Trainer:
 
     # ---- construction hooks -------------------------------------------------------------------
     def build_datasets(self) -> dict[str, Dataset]:
-        """train/val/test datasets (train augmented when ``config.augment``)."""
-        return build_splits(self.config)
+        """train/val/test datasets (train augmented when ``config.augment``). A fresh run splits the data as
+        it is now; a resumed one reapplies the split stored in its checkpoint. Sets ``self.split`` (stored in
+        checkpoints and split.json) and makes ``config.data`` absolute, so the run can be resumed or
+        evaluated from any directory."""
+        data = run_splits(self.config, self._resume_split, checkpoint=self._resume_path)
+        for note in data.notes:
+            self.log.say(note)
+        self.split = data.split
+        if data.split is not None:
+            self.config.data = data.split["data"]
+        return data.datasets
+
+    def count_masks(self, needed: bool) -> MaskCensus | None:
+        """Count the un-augmented training masks (for file datasets, or when ``needed``): an error when
+        all or most are empty, a note when a few are. Generated data skips it unless ``needed``."""
+        train = self.datasets["train"]
+        if not (needed or hasattr(train, "samples")):
+            return None
+        plain = train.without_augmentation() if hasattr(train, "without_augmentation") else train
+        census = mask_census(plain, self.dist, self.config.batch_size, self.workers)
+        note = check_training_masks(census, self.config.image_size)
+        if note is not None:
+            self.log.say(note)
+        return census
 
     def build_model(self) -> R2AttUNet:
         return build_model(self.config)
@@ -132,8 +162,8 @@ class Trainer:
         training masks (counted once, at the training resolution)."""
         if self.config.pos_weight != "auto":
             return float(self.config.pos_weight)
-        plain = build_splits(self.config, augment=False)["train"]
-        value = positive_weight(plain, self.dist, self.config.batch_size, self.workers)
+        census = self.census if self.census is not None else self.count_masks(True)
+        value = positive_weight_of(census)
         self.log.say(f"--pos-weight auto: background/lesion pixel ratio of the training masks = {value:.4f}")
         return value
 
@@ -207,6 +237,19 @@ class Trainer:
         return {"train_loss": loss_sum / images, "lr": lr, "seconds": seconds, "images_per_s": images / seconds,
                 "peak_memory_mb": peak_memory_mb(self.device), "data_wait_share": min(1.0, waited / busy)}
 
+    def calibrate_norms(self, epoch: int) -> None:
+        """While the model is young (the first epoch, and the rest of the LR warm-up), re-estimate the BatchNorm
+        running statistics with the current weights before validating (see :mod:`.norm_calibration`). Every
+        rank runs as many batches (SyncBatchNorm forwards are collectives); :meth:`validate` then hands rank
+        0's statistics to all, and the checkpoints save exactly those."""
+        if epoch >= calibration_epochs(self.config.warmup_epochs):
+            return
+        train = self.datasets["train"]
+        plain = train.without_augmentation() if hasattr(train, "without_augmentation") else train
+        loader = calibration_loader(plain, self.config.batch_size, self.dist.rank, self.dist.world_size,
+                                    self.config.seed, epoch, self.workers)
+        recalibrate_batchnorm(self.model, loader, self.device, self.config.amp)
+
     @torch.no_grad()
     def validate(self, loader: DataLoader) -> dict[str, float]:
         """Mean loss and metrics (:data:`METRICS`, threshold 0.5) over every rank's shard of ``loader``."""
@@ -260,7 +303,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "best": self.best, "stale_epochs": self.stale_epochs, "pos_weight": self.pos_weight,
-                "history": self.history, "rng": capture_rng(), "config": self.config.to_dict(),
+                "history": self.history, "rng": capture_rng(), "config": self.config.to_dict(), "split": self.split,
                 "versions": {"r2unet_fast": __version__, "torch": str(torch.__version__)}}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -293,11 +336,14 @@ class Trainer:
         """Train from ``self.epoch`` to ``config.epochs`` (or early stop), then evaluate the best
         checkpoint on val and test; returns the content of metrics.json."""
         self.log.write_json("config.json", self.config.to_dict())
+        if self.split is not None:
+            self.log.write_json(SPLIT_FILE, self.split)
         with deterministic_algorithms(self.device):
             for epoch in range(self.epoch, self.config.epochs):
                 if self.should_stop():
                     break
                 train = self.train_epoch(epoch)
+                self.calibrate_norms(epoch)
                 val = self.validate(self.eval_loaders["val"])
                 self.on_epoch_end(epoch, train, val)
             return self.on_fit_end()
