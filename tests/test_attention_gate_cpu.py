@@ -17,8 +17,10 @@ from r2unet_fast.ops.dispatch import _cpu_import_reason
 
 _reason = _cpu_import_reason()
 if _reason is None:
-    from r2unet_fast import _C
     from r2unet_fast.ops import cpu
+    from r2unet_fast.ops.extension import load_extension
+
+    _C = load_extension()
 
     if not hasattr(_C, "attention_gate_fwd"):
         _reason = "r2unet_fast._C predates the attention gate kernel; rebuild it"

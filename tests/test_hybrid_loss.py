@@ -269,7 +269,9 @@ def test_random_shapes_cpu(backend, n, h, w, options, soft):
 
 @pytest.mark.parametrize("backend", CPU_ONLY)
 def test_cpp_checks_its_inputs(backend):
-    from r2unet_fast import _C
+    from r2unet_fast.ops.extension import load_extension
+
+    _C = load_extension()
 
     x, t = torch.randn(2, 1, 4, 4), torch.rand(2, 1, 4, 4)
     loss, coef, opts = torch.empty(()), torch.empty(2, 5), (1.0, 0.5, 0.5, 1.0, True)

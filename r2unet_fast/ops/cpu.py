@@ -1,16 +1,19 @@
-"""Launchers of the C++ CPU kernels in ``r2unet_fast._C`` (``csrc/``).
+"""Launchers of the C++ CPU kernels (``csrc/``), loaded by :mod:`.extension`.
 
 Each launcher allocates the outputs and lets the kernel fill them. The
 signatures match the Triton launchers (:mod:`r2unet_fast.ops.triton`), and
 :mod:`r2unet_fast.ops.library` registers both as ``r2unet_fast::<op>_<backend>``.
-Importing this module needs the built extension; dispatch checks that first.
+Importing this module needs the kernels (prebuilt ``r2unet_fast._C`` or the first-use build);
+dispatch checks that first.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _C
+from .extension import load_extension
 from .reference import compute_dtype
+
+_C = load_extension()
 
 NUM_SUMS = 5
 

@@ -6,19 +6,18 @@ kernel for the op. An explicitly requested backend that cannot run raises a
 ValueError carrying the reason, never a silent fallback.
 
 :func:`kernel` runs inside ``torch.compile``d code, so it is traceable: the
-one step dynamo cannot follow (importing triton or the C++ extension to see
-whether they work) sits in :func:`_reason`, which dynamo calls while tracing
-and keeps as a constant.
+one step dynamo cannot follow (importing triton, or loading and perhaps
+compiling the C++ extension, to see whether they work) sits in
+:func:`_reason`, which dynamo calls while tracing and keeps as a constant.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Callable
 
 import torch
 
-from . import reference
+from . import extension, reference
 from .library import attention_gate as _attention_gate_ops
 from .library import hybrid_loss as _hybrid_loss_ops
 from .library import recurrent_conv as _recurrent_conv_ops
@@ -76,12 +75,9 @@ def _triton_reason(device: torch.device | None) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def _cpu_import_reason() -> str | None:
-    try:
-        importlib.import_module("r2unet_fast._C")
-    except ImportError as e:
-        return (f"the C++ extension r2unet_fast._C is not built ({e}); "
-                "reinstall with `pip install --no-build-isolation .`")
-    return None
+    # The first call may compile the kernels (a plain `pip install .` ships only their
+    # sources); ops/extension.py decides between that and the prebuilt module.
+    return extension.unavailable_reason()
 
 
 def _cpu_reason(device: torch.device | None) -> str | None:
