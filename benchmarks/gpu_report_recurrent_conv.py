@@ -43,7 +43,7 @@ def check(ctx) -> tuple[int, list[str]]:
         base = RRCUBlock(5, 6, t, tied=tied, shared_norm=shared)
         x = torch.randn(2, 5, 13, 9).to(ctx.device).contiguous(memory_format=torch.channels_last)
         exact = _grads(_switch(copy.deepcopy(base), "reference").to(ctx.device).double(), x.double(), torch.float32)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32,) if ctx.smoke else (torch.float32, torch.bfloat16):
             ref = _grads(_switch(copy.deepcopy(base), "reference").to(ctx.device), x, dtype)
             try:
                 fast = _grads(_switch(copy.deepcopy(base), "triton").to(ctx.device), x, dtype)
@@ -86,9 +86,10 @@ def section_recurrent_conv(ctx) -> dict:
     peak = None if ctx.smoke else matmul_peak_tflops(ctx)
     levels = [(2, 8, 16)] if ctx.smoke else GPU_LEVELS
     timings = []
+    # --cpu-smoke runs the Triton passes through the interpreter: one dtype keeps it to seconds
     for n, c, size in levels:
-        for dtype in (torch.float32, torch.bfloat16):
-            for pass_ in PASSES:
+        for dtype in (torch.float32,) if ctx.smoke else (torch.float32, torch.bfloat16):
+            for pass_ in PASSES[1:] if ctx.smoke else PASSES:
                 flops = block_flops(n, c, size) * (1 if pass_ == "fwd" else 3)
                 row = Timing("recurrent_conv", pass_, str(dtype).replace("torch.", ""), [n, c, size, size], 0)
                 for impl in ("eager", "fast", "compile"):

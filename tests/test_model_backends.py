@@ -61,6 +61,9 @@ def exact_cuda_convolutions():
 @pytest.mark.parametrize("backend", cases())
 def test_short_training_runs_follow_the_same_loss_curve(backend: Case, exact_cuda_convolutions):
     curves = []
+    # through the Triton interpreter every recurrent unit and gate is numpy: fewer steps, same check
+    interpreted = backend.name == "triton" and backend.device.type == "cpu"
+    steps, batch = (3, 2) if interpreted else (6, 4)
     for name in ("reference", backend.name):
         torch.manual_seed(1)
         model = _switched(R2AttUNet(base_channels=4, depth=3, t=2).to(backend.device), name)
@@ -68,8 +71,8 @@ def test_short_training_runs_follow_the_same_loss_curve(backend: Case, exact_cud
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         gen = torch.Generator().manual_seed(2)
         curve = []
-        for _ in range(6):
-            x = torch.randn(4, 3, 16, 16, generator=gen).to(backend.device)
+        for _ in range(steps):
+            x = torch.randn(batch, 3, 16, 16, generator=gen).to(backend.device)
             y = (x.mean(1, keepdim=True) > 0).float()
             loss = loss_fn(model(x), y)
             opt.zero_grad()
