@@ -58,12 +58,16 @@ def exact_cuda_convolutions():
      torch.backends.cuda.matmul.allow_tf32) = flags
 
 
-@pytest.mark.parametrize("backend", cases())
+# Not through the Triton interpreter: there every recurrent unit and gate of the model is numpy
+# (minutes per step); its model-level parity is test_same_logits_loss_and_gradients, and the
+# curve runs for the C++ backend here and compiled Triton on a GPU.
+CURVE_CASES = [c for c in cases() if not (c.values[0].name == "triton" and c.values[0].device.type == "cpu")]
+
+
+@pytest.mark.parametrize("backend", CURVE_CASES)
 def test_short_training_runs_follow_the_same_loss_curve(backend: Case, exact_cuda_convolutions):
     curves = []
-    # through the Triton interpreter every recurrent unit and gate is numpy: fewer steps, same check
-    interpreted = backend.name == "triton" and backend.device.type == "cpu"
-    steps, batch = (3, 2) if interpreted else (6, 4)
+    steps, batch = 6, 4
     for name in ("reference", backend.name):
         torch.manual_seed(1)
         model = _switched(R2AttUNet(base_channels=4, depth=3, t=2).to(backend.device), name)
