@@ -14,6 +14,7 @@ import triton
 from .._checks import check_ndim, check_same_device, check_shape
 from ..reference import compute_dtype
 from . import tuning
+from .attention_gate import _strides
 from .hybrid_loss import MAX_GRID_1, PROGRAMS_PER_SM, _configs, _device_guard, _sm_count
 from .recurrent_conv_kernels import (_add_stats_kernel, _bn_relu_kernel, _bwd_apply_kernel, _bwd_reduce_kernel,
                                      _stats_merge_kernel, _sums_merge_kernel)
@@ -56,15 +57,6 @@ _add_stats_tuners = tuning.PerArch("add_stats", _fixed_tuner(_add_stats_kernel))
 _bn_relu_tuners = tuning.PerArch("bn_relu", _free_tuner(_bn_relu_kernel))
 _bwd_reduce_tuners = tuning.PerArch("bwd_reduce", _fixed_tuner(_bwd_reduce_kernel))
 _bwd_apply_tuners = tuning.PerArch("bwd_apply", _free_tuner(_bwd_apply_kernel))
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, channel, pixel) strides of a dense NCHW or channels_last (N, C, H, W) tensor; pixel
-    p = h*W + w is at p * pixel stride. Strides of size-1 dims are free in torch, so those give 0."""
-    n, c, h, w = t.shape
-    s = t.stride()
-    pixel = s[3] if w > 1 else (s[2] if h > 1 else 0)
-    return (s[0] if n > 1 else 0), (s[1] if c > 1 else 0), pixel
 
 
 def _launch(name: str, tuners: tuning.PerArch, kernel, x: torch.Tensor, grid, *args, fixed: bool, **meta) -> None:
