@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -194,34 +195,47 @@ def _train(argv: Sequence[str] | None) -> int:
         out = Path(config.out) if state is not None else new_run_folder(config.out, dist)
         lock = claim_run_folder(out, dist, new=state is None)  # held until this run ends
         config.out = str(out)
-        started = time.perf_counter()
-        trainer = Trainer(config, dist, out, resume=state)
-        say = trainer.log.say
-        parts = ", ".join(f"{part} {len(data)}" for part, data in trainer.datasets.items())
-        params = sum(p.numel() for p in trainer.model.parameters())
-        model = f"{config.block} U-Net{' + attention' if config.attention else ''}, {params / 1e6:.2f}M params"
-        ddp = f" (DDP, {dist.backend})" if dist.enabled else ""
-        say(f"run folder {out} | {config.dataset} ({parts} images at {config.image_size}px) | {model} | "
-            f"{dist.device} x{dist.world_size}{ddp} | amp {config.amp}"
-            + (" | torch.compile" if config.compile else "") + (" | SyncBatchNorm" if config.sync_bn else "")
-            + (f" | resuming after epoch {trainer.epoch}" if state is not None else ""))
-        try:
-            results = trainer.fit()
-        except KeyboardInterrupt:
-            say(f"interrupted; continue with: python -m r2unet_fast.train --resume {out}")
-            return INTERRUPT_EXIT
-        minutes, seconds = divmod(int(time.perf_counter() - started), 60)
-        test = results.get("test", results["val"])
-        say(f"done in {minutes}m{seconds:02d}s: best epoch {results['best_epoch']} "
-            f"(val jaccard {results['val']['jaccard']:.4f}); test jaccard {test['jaccard']:.4f}, "
-            f"dice {test['dice']:.4f}")
-        say(f"outputs in {out}/: checkpoints/best.pt, checkpoints/last.pt, metrics.json, log.csv, curves.png, "
-            "predictions.png, config.json")
-        return 0
+        code = _fit(config, state, dist, out)
+        gc.collect()  # a trainer kept alive by a reference cycle would keep its Reducer (see _fit)
+        if code == 0:
+            dist.barrier()  # every rank's collectives are done before the group goes
+        return code
     finally:
         if lock is not None:
             lock.release()
         dist.shutdown()
+
+
+def _fit(config: TrainConfig, state: dict[str, Any] | None, dist: DistContext, out: Path) -> int:
+    """Train and report; the trainer lives only in this frame. Under DDP its Reducer holds the gloo
+    process group, and were the Reducer the group's last owner, the group would be destroyed with
+    the GIL held while a gloo worker thread waits for the GIL to free a tensor: a deadlock, seen on
+    loaded machines after the run had finished. Freed here, the Reducer leaves the group to
+    ``destroy_process_group``, which releases the GIL while the group's threads stop."""
+    started = time.perf_counter()
+    trainer = Trainer(config, dist, out, resume=state)
+    say = trainer.log.say
+    parts = ", ".join(f"{part} {len(data)}" for part, data in trainer.datasets.items())
+    params = sum(p.numel() for p in trainer.model.parameters())
+    model = f"{config.block} U-Net{' + attention' if config.attention else ''}, {params / 1e6:.2f}M params"
+    ddp = f" (DDP, {dist.backend})" if dist.enabled else ""
+    say(f"run folder {out} | {config.dataset} ({parts} images at {config.image_size}px) | {model} | "
+        f"{dist.device} x{dist.world_size}{ddp} | amp {config.amp}"
+        + (" | torch.compile" if config.compile else "") + (" | SyncBatchNorm" if config.sync_bn else "")
+        + (f" | resuming after epoch {trainer.epoch}" if state is not None else ""))
+    try:
+        results = trainer.fit()
+    except KeyboardInterrupt:
+        say(f"interrupted; continue with: python -m r2unet_fast.train --resume {out}")
+        return INTERRUPT_EXIT
+    minutes, seconds = divmod(int(time.perf_counter() - started), 60)
+    test = results.get("test", results["val"])
+    say(f"done in {minutes}m{seconds:02d}s: best epoch {results['best_epoch']} "
+        f"(val jaccard {results['val']['jaccard']:.4f}); test jaccard {test['jaccard']:.4f}, "
+        f"dice {test['dice']:.4f}")
+    say(f"outputs in {out}/: checkpoints/best.pt, checkpoints/last.pt, metrics.json, log.csv, curves.png, "
+        "predictions.png, config.json")
+    return 0
 
 
 def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
