@@ -1,7 +1,7 @@
 // Declarations of csrc/attention_gate.cpp, bound in csrc/bindings.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

@@ -3,7 +3,7 @@
 // here. Python (r2unet_fast/ops/cpu.py) allocates every output, so tests can
 // poison them; the kernels validate again with TORCH_CHECK.
 
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <optional>
 

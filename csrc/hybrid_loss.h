@@ -2,7 +2,7 @@
 // (sums -> loss and gradient coefficients) and csrc/bindings.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>

@@ -11,6 +11,8 @@
 
 #include "hybrid_loss.h"
 
+#include <ATen/Dispatch.h>
+
 #include <vector>
 
 namespace r2unet_fast {

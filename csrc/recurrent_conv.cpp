@@ -8,6 +8,7 @@
 // NCHW image, C rows of len contiguous pixels at stride HW.
 #include "recurrent_conv.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -3,7 +3,7 @@
 // Contracts: tests/recurrent_conv_oracle.py. float32 and float64 tensors, NCHW or channels_last.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 
