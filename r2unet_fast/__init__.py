@@ -2,6 +2,10 @@
 
 Public API: the model classes, the loss module, metrics and the backend report.
 """
+from ._openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before torch loads OpenMP; only for python -m r2unet_fast.<command>
+
 from .losses import HybridLoss
 from .metrics import MetricAccumulator, segmentation_metrics
 from .nn import AttentionGate, R2AttUNet, R2UNet, RecurrentConv, RRCUBlock
