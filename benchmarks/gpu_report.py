@@ -224,10 +224,17 @@ def section_recurrent_conv(ctx: Context) -> dict:
     return section(ctx)
 
 
+def section_train_step(ctx: Context) -> dict:
+    from benchmarks.gpu_report_train_step import section_train_step as section
+
+    return section(ctx)
+
+
 # Each op's section returns {"name", "timings", ...}; later ops add theirs.
 SECTIONS: dict[str, Callable[[Context], dict]] = {"hybrid_loss": section_hybrid_loss,
                                                   "attention_gate": section_attention_gate,
-                                                  "recurrent_conv": section_recurrent_conv}
+                                                  "recurrent_conv": section_recurrent_conv,
+                                                  "train_step": section_train_step}
 
 
 def _write_json(path: str, report: dict) -> None:

@@ -105,3 +105,28 @@ def module_step(model: torch.nn.Module, x: torch.Tensor, pass_: str) -> Callable
             p.grad = None
         call().backward(grad_out)
     return fwd_bwd
+
+
+class TrainStep:
+    """One training step of a segmentation model as the trainer runs it: forward under autocast when
+    ``dtype`` is half, the hybrid loss in float32, backward, Adam step. Calling it runs one step;
+    ``model`` may be ``torch.compile`` of ``module`` (the optimizer holds ``module``'s parameters)."""
+
+    def __init__(self, module: torch.nn.Module, model: Callable[[torch.Tensor], torch.Tensor],
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        self.model, self.loss_fn, self.x, self.y, self.dtype = model, loss_fn, x, y, dtype
+        module.train()
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
+
+    def loss(self) -> torch.Tensor:
+        """Forward and loss of the batch (no backward)."""
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(self.x.device.type, dtype=self.dtype, enabled=half):
+            logits = self.model(self.x)
+        return self.loss_fn(logits.float(), self.y)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.optimizer.step()

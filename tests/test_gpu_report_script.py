@@ -17,7 +17,7 @@ def test_cpu_smoke_runs_every_section(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = {s["name"]: s for s in report["sections"]}
-    assert set(sections) == {"hybrid_loss", "attention_gate", "recurrent_conv"}
+    assert set(sections) == {"hybrid_loss", "attention_gate", "recurrent_conv", "train_step"}
     for section in sections.values():
         assert section["checks_passed"]
         for row in section["timings"]:
