@@ -146,28 +146,63 @@ void bn_relu(const Layout& d, const T* s, const T* feed, const T* scale, const T
   });
 }
 
+// Per chunk and channel: the sums of dy and dy * xhat, in T. A chunk holds at most kChunk pixels, so
+// float partials lose at most ~kChunk ulps and vectorize at full width; chunks merge in double.
+template <typename T>
+void bn_relu_bwd_partials(const Layout& d, int64_t image, int64_t start, int64_t len, const T* s, const T* dh,
+                          const T* scale, const T* shift, const T* mean, const T* rstd, T* pd, T* px) {
+  const int64_t c = d.c;
+  std::fill(pd, pd + c, T(0));
+  std::fill(px, px + c, T(0));
+  if (d.channels_last) {
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t base = d.at(image, 0, start + j);
+      const T* sj = s + base;
+      const T* dhj = dh + base;
+#pragma omp simd
+      for (int64_t ch = 0; ch < c; ++ch) {
+        // threshold_backward: a pre-activation <= 0 stops the gradient, a NaN one passes it. The
+        // load comes first: a load under the condition is control flow, which stops vectorization.
+        const T g = dhj[ch];
+        const T dy = sj[ch] * scale[ch] + shift[ch] <= T(0) ? T(0) : g;
+        pd[ch] += dy;
+        px[ch] += dy * ((sj[ch] - mean[ch]) * rstd[ch]);
+      }
+    }
+    return;
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const int64_t base = d.at(image, ch, start);
+    const T* sc = s + base;
+    const T* dhc = dh + base;
+    const T a = scale[ch], b = shift[ch], m = mean[ch], r = rstd[ch];
+    T sum_dy = 0, sum_dyx = 0;
+#pragma omp simd reduction(+ : sum_dy, sum_dyx)
+    for (int64_t j = 0; j < len; ++j) {
+      const T g = dhc[j];
+      const T dy = sc[j] * a + b <= T(0) ? T(0) : g;
+      sum_dy += dy;
+      sum_dyx += dy * ((sc[j] - m) * r);
+    }
+    pd[ch] = sum_dy;
+    px[ch] = sum_dyx;
+  }
+}
+
 template <typename T>
 void bn_relu_bwd(const Layout& d, const T* s, const T* dh, const T* scale, const T* shift, const T* mean,
                  const T* rstd, const T* gamma, T* dfeed, T* ds, T* sum_dy, T* sum_dy_xhat) {
   const int64_t items = d.items(), c = d.c;
-  std::vector<double> part_dy(items * c), part_dyx(items * c);
+  std::vector<T> part_dy(items * c), part_dyx(items * c);
   for_each_chunk(d, [&](int64_t item, int64_t image, int64_t start, int64_t len) {
-    double* pd = part_dy.data() + item * c;
-    double* px = part_dyx.data() + item * c;
-    std::fill(pd, pd + c, 0.0);
-    std::fill(px, px + c, 0.0);
-    for_each_element(d, image, start, len, [&](int64_t i, int64_t ch) {
-      // threshold_backward: a pre-activation <= 0 stops the gradient, a NaN one passes it
-      const T dy = s[i] * scale[ch] + shift[ch] <= T(0) ? T(0) : dh[i];
-      pd[ch] += static_cast<double>(dy);
-      px[ch] += static_cast<double>(dy) * static_cast<double>((s[i] - mean[ch]) * rstd[ch]);
-    });
+    bn_relu_bwd_partials(d, image, start, len, s, dh, scale, shift, mean, rstd, part_dy.data() + item * c,
+                         part_dyx.data() + item * c);
   });
   std::vector<double> total_dy(c, 0.0), total_dyx(c, 0.0);
   for (int64_t item = 0; item < items; ++item) {
     for (int64_t ch = 0; ch < c; ++ch) {
-      total_dy[ch] += part_dy[item * c + ch];
-      total_dyx[ch] += part_dyx[item * c + ch];
+      total_dy[ch] += static_cast<double>(part_dy[item * c + ch]);
+      total_dyx[ch] += static_cast<double>(part_dyx[item * c + ch]);
     }
   }
   const double count = static_cast<double>(d.n * d.hw);
@@ -184,7 +219,8 @@ void bn_relu_bwd(const Layout& d, const T* s, const T* dh, const T* scale, const
   }
   for_each_chunk(d, [&](int64_t, int64_t image, int64_t start, int64_t len) {
     for_each_element(d, image, start, len, [&](int64_t i, int64_t ch) {
-      const T dy = s[i] * scale[ch] + shift[ch] <= T(0) ? T(0) : dh[i];
+      const T grad = dh[i];
+      const T dy = s[i] * scale[ch] + shift[ch] <= T(0) ? T(0) : grad;
       const T g = a[ch] * (dy - b[ch] - (s[i] - mean[ch]) * rstd[ch] * k[ch]);
       if (ds != nullptr) {
         ds[i] = g;
