@@ -99,6 +99,27 @@ def test_cpu_passes_match_their_statements(channels_last, dtype, with_extras):
 
 
 @requires_cpp
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_relu_backward_stops_at_an_exactly_zero_pre_activation(layout):
+    # torch.relu's backward (threshold_backward) passes no gradient where its input is exactly 0;
+    # random data never hits 0, so a third of s is zero here, with shift 0.
+    from r2unet_fast.ops import cpu
+
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 5, 7, 9, generator=gen)
+    s[torch.rand(s.shape, generator=gen) < 0.33] = 0.0
+    if layout == "channels_last":
+        s = s.contiguous(memory_format=torch.channels_last)
+    dh = torch.randn(s.shape, generator=gen).contiguous(memory_format=torch.channels_last if layout ==
+                                                        "channels_last" else torch.contiguous_format)
+    scale, shift = torch.rand(5, generator=gen) + 0.5, torch.zeros(5)
+    mean, rstd, gamma = torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen)
+    got = cpu.rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, None, True)
+    want = oracle.rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, None, True)
+    _assert_all_close(list(got), list(want), 1e-5)
+
+
+@requires_cpp
 def test_cpu_statistics_do_not_cancel_at_a_large_mean():
     from r2unet_fast.ops import cpu
 
