@@ -85,11 +85,22 @@ def build_parser() -> ArgumentParser:
         description="Train R2U-Net with attention gates. With no arguments: a CPU demo on the embedded synthetic "
                     "lesions (a few minutes on 2 cores).",
         epilog="Precedence: preset < --config file < flags. Under torchrun every process runs this command.")
+    add_train_arguments(parser)
+    return parser
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, *, presets: Sequence[str] = PRESETS,
+                        preset_help: str = "base settings (default cpu-demo)", run_flags: bool = True) -> None:
+    """Add the trainer's flags to ``parser``, which should have ``argument_default=argparse.SUPPRESS`` so
+    that absent flags leave the preset/config values alone. ``run_flags=False`` leaves out the flags that
+    name one run (``--resume``, ``--out``, ``--block``, ``--no-attention``, ``--loss``), for a command that
+    sets those per run (``python -m r2unet_fast.ablate``)."""
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", choices=PRESETS, help="base settings (default cpu-demo)")
+    run.add_argument("--preset", choices=tuple(presets), help=preset_help)
     run.add_argument("--config", dest="config_file", metavar="FILE", help="JSON or TOML file of settings")
-    run.add_argument("--resume", metavar="RUN", help="continue a run: its folder or a checkpoint .pt")
-    run.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>)")
+    if run_flags:
+        run.add_argument("--resume", metavar="RUN", help="continue a run: its folder or a checkpoint .pt")
+        run.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>)")
     run.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--seed", type=int, metavar="N")
@@ -112,8 +123,9 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--base-channels", type=int, metavar="C", help="width of the first level (doubles per level)")
     model.add_argument("--depth", type=int, metavar="D", help="encoder levels")
     model.add_argument("--t", type=int, metavar="T", help="recurrent steps per recurrent conv")
-    model.add_argument("--block", choices=BLOCKS)
-    model.add_argument("--no-attention", dest="attention", action="store_false")
+    if run_flags:
+        model.add_argument("--block", choices=BLOCKS)
+        model.add_argument("--no-attention", dest="attention", action="store_false")
     model.add_argument("--tied", action="store_true", help="share conv_f/conv_r weights (popular PyTorch variant)")
     model.add_argument("--shared-norm", action="store_true")
     model.add_argument("--attention-norm", action="store_true")
@@ -127,7 +139,8 @@ def build_parser() -> ArgumentParser:
     opt.add_argument("--warmup-epochs", type=float, metavar="E", help="linear LR warm-up length")
     opt.add_argument("--min-lr-ratio", type=float, metavar="R", help="final LR of the cosine as a fraction of --lr")
     opt.add_argument("--grad-clip", type=float, metavar="NORM", help="max gradient norm (0: off)")
-    opt.add_argument("--loss", choices=tuple(LOSSES))
+    if run_flags:
+        opt.add_argument("--loss", choices=tuple(LOSSES))
     opt.add_argument("--dice-weight", type=float, metavar="W",
                      help="hybrid loss: weight of (1 - Dice); BCE gets the rest")
     opt.add_argument("--pos-weight", type=_pos_weight, metavar="{auto,W}",
@@ -136,7 +149,6 @@ def build_parser() -> ArgumentParser:
                      help="autocast: bf16 (default when given; CUDA or CPU), fp16 (CUDA, with loss scaling), off")
     opt.add_argument("--patience", type=int, metavar="N",
                      help="early stop after N epochs without a better val Jaccard (0: off)")
-    return parser
 
 
 def run_folder(checkpoint: Path) -> Path:
@@ -188,6 +200,17 @@ def _train(argv: Sequence[str] | None) -> int:
     if print_only:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    return train(config, state)
+
+
+def train(config: TrainConfig, state: dict[str, Any] | None = None) -> int:
+    """What ``python -m r2unet_fast.train`` does once its flags are resolved, for callers in Python (the
+    ablation runs its cells with it): train ``config`` into ``config.out`` (a fresh ``runs/<timestamp>``
+    when None), or, given ``state`` (a :func:`load_checkpoint` dict), continue that run in ``config.out``.
+
+    Returns the exit code: 0, or 130 when interrupted (the run folder then resumes). Bad input raises
+    :class:`UsageError` or :class:`DataError` and a diverged run :class:`TrainingDiverged`; :func:`run_cli`
+    turns each into one ``error:`` line."""
     dist = setup_distributed(config.device)
     lock: RunLock | None = None
     try:

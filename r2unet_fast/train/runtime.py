@@ -78,16 +78,45 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window (CUDA only; CPU reports the process peak RSS)."""
+    """Start a new peak-memory window: CUDA's allocator peak; on Linux CPUs the process's peak RSS
+    (VmHWM, which writing "5" to /proc/self/clear_refs resets). Without that, CPU windows never restart
+    and report the process's lifetime peak: wrong for every run after the first in one process (the
+    ablation trains its cells one after another)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open(_CLEAR_REFS, "w") as file:
+            file.write("5")
+    except OSError:  # not Linux, a kernel before 4.0, or a sandbox that forbids it: lifetime peak
+        pass
+
+
+def _peak_rss_kib() -> int | None:
+    """VmHWM of /proc/self/status (peak RSS since the last reset) in KiB, or None where unreadable."""
+    try:
+        with open(_STATUS) as file:
+            for line in file:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated CUDA memory since the last reset, or the process's peak RSS on CPU, in MiB."""
+    """Peak allocated CUDA memory, or the process's peak RSS on CPU, since :func:`reset_peak_memory`
+    (on CPUs other than Linux: over the process's lifetime), in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = _peak_rss_kib()
+    if kib is not None:
+        return kib / 2**10
     try:
         import resource
     except ImportError:  # Windows
