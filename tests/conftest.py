@@ -10,6 +10,12 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Under pytest-xdist (`pytest -n auto`) there is one worker per core: each runs one torch thread,
+# since several OpenMP pools on the same cores spin against each other (docs/training.md,
+# "Sharing the machine"). Tests that vary the thread count set it themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
