@@ -15,6 +15,7 @@ import recurrent_conv_oracle as oracle
 import torch
 from backend_cases import cases
 from poison import poisoned_allocations
+from unit_parity import assert_all_close, pair, randn_input, train_steps
 
 from r2unet_fast import ops
 from r2unet_fast.nn import RecurrentConv
@@ -27,49 +28,6 @@ _CPP_REASON = ops.available_backends("recurrent_conv", "cpu")["cpu"]
 requires_cpp = pytest.mark.skipif(_CPP_REASON is not None, reason=f"cpu backend: {_CPP_REASON}")
 
 
-def _on(model: torch.nn.Module, backend: str) -> torch.nn.Module:
-    for m in model.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
-    return model
-
-
-def _pair(block: torch.nn.Module, backend, dtype=torch.float64) -> tuple[torch.nn.Module, torch.nn.Module]:
-    ref = _on(block, "reference").to(backend.device, dtype)
-    return ref, _on(copy.deepcopy(ref), backend.name)
-
-
-def _train_steps(model: torch.nn.Module, x: torch.Tensor, steps: int = 3, train: bool = True) -> list[torch.Tensor]:
-    """``steps`` forward+backward passes (in training mode unless ``train=False``): last output, input
-    grad, every parameter grad (summed over the steps) and every buffer."""
-    model.train(train)
-    leaf = x.detach().clone().requires_grad_()
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(steps):
-        out = model(leaf)
-        weight = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-        (out * weight).sum().backward()
-    return [out.detach(), leaf.grad] + [p.grad for p in model.parameters()] + list(model.buffers())
-
-
-def _x(n=2, c=5, h=7, w=9, device="cpu", dtype=torch.float64, channels_last=False) -> torch.Tensor:
-    x = torch.randn(n, c, h, w, dtype=torch.float64).to(device, dtype)
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-def _assert_all_close(got: list, want: list, tol: float) -> None:
-    assert len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert (a is None) == (b is None), i
-        if a is None:
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, i
-        # at least unit scale: conv_f's bias feeds a BatchNorm, so its exact gradient is 0 and both sides
-        # give rounding noise of the unit-sized terms that cancel
-        scale = max(b.double().abs().max().item(), 1.0)
-        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"#{i}: {m}")
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "feed_residual_dfeed"])
@@ -77,24 +35,24 @@ def _assert_all_close(got: list, want: list, tol: float) -> None:
 def test_cpu_passes_match_their_statements(channels_last, dtype, with_extras):
     from r2unet_fast.ops import cpu
 
-    out = _x(2, 6, 7, 9, dtype=torch.float64, channels_last=channels_last) * 3 + 2
-    feed = _x(2, 6, 7, 9, channels_last=channels_last)
+    out = randn_input(2, 6, 7, 9, dtype=torch.float64, channels_last=channels_last) * 3 + 2
+    feed = randn_input(2, 6, 7, 9, channels_last=channels_last)
     out, feed = out.to(dtype), feed.to(dtype)
     extra = feed if with_extras else None
     got, want = out.clone(), out.clone()
     stats = cpu.rc_add_stats(got, extra), oracle.rc_add_stats(want, extra)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
-    _assert_all_close([got, *stats[0]], [want, *stats[1]], tol)
+    assert_all_close([got, *stats[0]], [want, *stats[1]], tol)
     scale, shift = torch.rand(6, dtype=stats[0][0].dtype) + 0.5, torch.randn(6, dtype=stats[0][0].dtype)
     h = cpu.rc_bn_relu(got, extra, scale, shift, extra)
     assert h.stride() == got.stride()
-    _assert_all_close([h], [oracle.rc_bn_relu(got, extra, scale, shift, extra)], 8e-3 if dtype == torch.bfloat16 else tol)
+    assert_all_close([h], [oracle.rc_bn_relu(got, extra, scale, shift, extra)], 8e-3 if dtype == torch.bfloat16 else tol)
     dh, dfeed = torch.randn_like(got), torch.randn_like(got) if with_extras else None
     rstd, gamma = torch.rand(6, dtype=scale.dtype) + 0.5, torch.randn(6, dtype=scale.dtype)
     mine = None if dfeed is None else dfeed.clone()
     result = cpu.rc_bn_relu_bwd(got, dh, scale, shift, stats[0][0], rstd, gamma, mine, True)
     expected = oracle.rc_bn_relu_bwd(got, dh, scale, shift, stats[0][0], rstd, gamma, dfeed, True)
-    _assert_all_close(list(result) + ([mine] if with_extras else []),
+    assert_all_close(list(result) + ([mine] if with_extras else []),
                       list(expected) + ([dfeed] if with_extras else []), 8e-3 if dtype == torch.bfloat16 else tol)
 
 
@@ -133,7 +91,7 @@ def test_cpu_statistics_do_not_cancel_at_a_large_mean():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck(backend):
     c = 3
-    x = _x(2, 2, 3, 4, device=backend.device).requires_grad_()
+    x = randn_input(2, 2, 3, 4, device=backend.device).requires_grad_()
     w_f = (torch.randn(c, 2, 3, 3, dtype=torch.float64) * 0.3).to(backend.device).requires_grad_()
     b_f = torch.randn(c, dtype=torch.float64, device=backend.device).requires_grad_()
     w_r = (torch.randn(c, c, 3, 3, dtype=torch.float64) * 0.3).to(backend.device).requires_grad_()
@@ -170,14 +128,14 @@ def _block_params() -> list:
 @pytest.mark.parametrize("backend, t, tied, shared_norm", _block_params())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_rrcu_block_matches_the_reference_in_training_and_eval(backend, t, tied, shared_norm, channels_last):
-    ref, fast = _pair(RRCUBlock(5, 6, t, tied=tied, shared_norm=shared_norm), backend)
-    x = _x(2, 5, 7, 9, device=backend.device, channels_last=channels_last)
-    got, want = _train_steps(fast, x), _train_steps(ref, x)
-    _assert_all_close(got, want, 1e-9)
+    ref, fast = pair(RRCUBlock(5, 6, t, tied=tied, shared_norm=shared_norm), backend)
+    x = randn_input(2, 5, 7, 9, device=backend.device, channels_last=channels_last)
+    got, want = train_steps(fast, x), train_steps(ref, x)
+    assert_all_close(got, want, 1e-9)
     assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     ref.eval(), fast.eval()
     with torch.no_grad():
-        _assert_all_close([fast(x)], [ref(x)], 1e-10)
+        assert_all_close([fast(x)], [ref(x)], 1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,30 +144,30 @@ def test_recurrent_conv_alone_float32_running_stats_and_momentum(backend, moment
     block = RecurrentConv(5, 6, 2)
     for norm in block.norms:
         norm.momentum = momentum
-    ref, fast = _pair(block, backend, torch.float32)
-    x = _x(3, 5, 7, 6, device=backend.device, dtype=torch.float32, channels_last=True)
-    _assert_all_close(_train_steps(fast, x, steps=3), _train_steps(ref, x, steps=3), 2e-4)
+    ref, fast = pair(block, backend, torch.float32)
+    x = randn_input(3, 5, 7, 6, device=backend.device, dtype=torch.float32, channels_last=True)
+    assert_all_close(train_steps(fast, x, steps=3), train_steps(ref, x, steps=3), 2e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eval_mode_with_gradients_matches_the_reference(backend):
-    ref, fast = _pair(RRCUBlock(4, 4, 2), backend)
-    x = _x(2, 4, 5, 6, device=backend.device)
-    _train_steps(ref, x, 1), _train_steps(fast, x, 1)
+    ref, fast = pair(RRCUBlock(4, 4, 2), backend)
+    x = randn_input(2, 4, 5, 6, device=backend.device)
+    train_steps(ref, x, 1), train_steps(fast, x, 1)
     for model in (ref, fast):
         model.zero_grad()
         model.eval()
-    got, want = _train_steps(fast, x, 1, train=False), _train_steps(ref, x, 1, train=False)
-    _assert_all_close(got, want, 1e-9)
+    got, want = train_steps(fast, x, 1, train=False), train_steps(ref, x, 1, train=False)
+    assert_all_close(got, want, 1e-9)
     assert fast.rc1.runs_on() == "cpu" or fast.rc1.runs_on().startswith("triton")  # it is the fast module's call
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_propagates_like_the_reference(backend):
-    ref, fast = _pair(RRCUBlock(3, 4, 2), backend)
-    x = _x(2, 3, 6, 5, device=backend.device)
+    ref, fast = pair(RRCUBlock(3, 4, 2), backend)
+    x = randn_input(2, 3, 6, 5, device=backend.device)
     x[1, 2, 3, 1] = float("nan")
-    got, want = _train_steps(fast, x, 1), _train_steps(ref, x, 1)
+    got, want = train_steps(fast, x, 1), train_steps(ref, x, 1)
     for a, b in zip(got, want):
         if a is not None:
             assert torch.equal(a.isnan(), b.isnan())
@@ -217,26 +175,26 @@ def test_nan_propagates_like_the_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_buffers_are_fully_written(backend, monkeypatch):
-    ref, fast = _pair(RRCUBlock(3, 4, 2), backend)
-    x = _x(2, 3, 6, 5, device=backend.device, channels_last=True)
-    want = _train_steps(ref, x, 1)
+    ref, fast = pair(RRCUBlock(3, 4, 2), backend)
+    x = randn_input(2, 3, 6, 5, device=backend.device, channels_last=True)
+    want = train_steps(ref, x, 1)
     with poisoned_allocations(monkeypatch):
-        got = _train_steps(fast, x, 1)
-    _assert_all_close(got, want, 1e-9)
+        got = train_steps(fast, x, 1)
+    assert_all_close(got, want, 1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_autocast_ratio_rule(backend):
     # error(fast vs float64) <= 2 x error(reference under autocast vs float64) + a few bf16 ulp
     block = RRCUBlock(6, 8, 2)
-    exact_model, _ = _pair(copy.deepcopy(block), backend)
-    ref, fast = _pair(block, backend, torch.float32)
-    x = _x(2, 6, 9, 7, device=backend.device, dtype=torch.float32, channels_last=True)
-    exact = _train_steps(exact_model, x.double(), 1)
+    exact_model, _ = pair(copy.deepcopy(block), backend)
+    ref, fast = pair(block, backend, torch.float32)
+    x = randn_input(2, 6, 9, 7, device=backend.device, dtype=torch.float32, channels_last=True)
+    exact = train_steps(exact_model, x.double(), 1)
     results = []
     for model in (ref, fast):
         with torch.autocast(backend.device.type, dtype=torch.bfloat16):
-            results.append(_train_steps(model, x, 1))
+            results.append(train_steps(model, x, 1))
     eps = torch.finfo(torch.bfloat16).eps
     for i, (r, f, e) in enumerate(zip(*results, exact)):
         if e is None or not e.is_floating_point():
@@ -260,8 +218,8 @@ def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_saves_only_inputs_and_step_states_for_backward(backend):
-    ref, fast = _pair(RRCUBlock(8, 8, 2), backend, torch.float32)
-    x = _x(2, 8, 16, 16, device=backend.device, dtype=torch.float32, channels_last=True)
+    ref, fast = pair(RRCUBlock(8, 8, 2), backend, torch.float32)
+    x = randn_input(2, 8, 16, 16, device=backend.device, dtype=torch.float32, channels_last=True)
     ref.train(), fast.train()
     saved_fast, saved_ref = _saved_bytes(fast, x), _saved_bytes(ref, x)
     act = x.numel() * x.element_size()  # one activation (8 channels in and out)
@@ -279,7 +237,7 @@ def test_ops_pass_opcheck(backend):
     train = getattr(namespace, lib.op_name(backend.name, "train"))
     evaluate = getattr(namespace, lib.op_name(backend.name, "eval"))
     dev = backend.device
-    x = _x(2, 3, 4, 5, device=dev)
+    x = randn_input(2, 3, 4, 5, device=dev)
     w_f, w_r = torch.randn(4, 3, 3, 3, dtype=x.dtype, device=dev), torch.randn(4, 4, 3, 3, dtype=x.dtype, device=dev)
     b_f, gamma, beta = (torch.randn(k, dtype=x.dtype, device=dev) for k in (4, (3, 4), (3, 4)))
     residual = torch.randn(2, 4, 4, 5, dtype=x.dtype, device=dev)
@@ -287,12 +245,17 @@ def test_ops_pass_opcheck(backend):
         args = [t.clone().requires_grad_() for t in (x, w_f, b_f, w_r, gamma, beta)]
         torch.library.opcheck(train.default, (*args, res, 2, 1e-5))
     torch.library.opcheck(evaluate.default, (x, w_f, b_f, w_r, gamma, beta, residual, 2))
+    # t = 0 without a recurrent weight (ConvBNReLU): w_r is ``Tensor?``
+    args = [t.clone().requires_grad_() for t in (x, w_f, b_f)]
+    norm = [v[:1].clone().requires_grad_() for v in (gamma, beta)]
+    torch.library.opcheck(train.default, (*args, None, *norm, residual, 0, 1e-5))
+    torch.library.opcheck(evaluate.default, (x, w_f, b_f, None, gamma[:1], beta[:1], None, 0))
 
 
 @pytest.mark.parametrize("backend", CPU_ONLY)
 def test_block_compiles_without_graph_breaks(backend):
-    ref, fast = _pair(RRCUBlock(3, 4, 2), backend, torch.float32)
-    x = _x(2, 3, 8, 6, dtype=torch.float32, channels_last=True)
+    ref, fast = pair(RRCUBlock(3, 4, 2), backend, torch.float32)
+    x = randn_input(2, 3, 8, 6, dtype=torch.float32, channels_last=True)
     compiled = copy.deepcopy(fast)
 
     def step(model, x):
@@ -303,7 +266,7 @@ def test_block_compiles_without_graph_breaks(backend):
         model.train()
         loss = fn(model, x)
         loss.backward()
-    _assert_all_close([p.grad for p in compiled.parameters()] + list(compiled.buffers()),
+    assert_all_close([p.grad for p in compiled.parameters()] + list(compiled.buffers()),
                       [p.grad for p in fast.parameters()] + list(fast.buffers()), 1e-5)
 
 
@@ -321,6 +284,7 @@ def test_synchronised_norms_stay_on_the_reference_and_say_why():
     (dict(t=-1), "t (recurrent steps) must be an int >= 0"),
     (dict(t=3), "one BatchNorm shared by every step or one per step"),
     (dict(w_r=torch.randn(4, 3, 3, 3)), "w_r"),
+    (dict(w_r=None), "w_r (the recurrent weight, (C, C, 3, 3)) is needed for t = 2 > 0"),
     (dict(x=torch.randn(2, 5, 6, 6)), "w_f"),
     (dict(x=torch.randn(1, 3, 1, 1)), "more than one value per channel"),
     (dict(betas=[torch.zeros(4)]), "betas must have one entry per BatchNorm"),
@@ -350,4 +314,4 @@ def test_the_relu_backward_stops_the_gradient_at_exactly_zero(backend):
     got = passes.rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, None, True)
     want = oracle.rc_bn_relu_bwd(s.cpu(), dh.cpu(), scale.cpu(), shift.cpu(), mean.cpu(), rstd.cpu(), gamma.cpu(),
                                  None, True)
-    _assert_all_close([g.cpu() for g in got], list(want), 1e-12)
+    assert_all_close([g.cpu() for g in got], list(want), 1e-12)

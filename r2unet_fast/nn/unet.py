@@ -12,10 +12,11 @@ from .blocks import ConvBNReLU, make_block
 
 
 class UpConv(nn.Sequential):
-    """Nearest 2x up-sample + 3x3 conv + BN + ReLU: (N, in_ch, H, W) -> (N, out_ch, 2H, 2W)."""
+    """Nearest 2x up-sample + 3x3 conv + BN + ReLU (a :class:`ConvBNReLU` on ``backend``):
+    (N, in_ch, H, W) -> (N, out_ch, 2H, 2W)."""
 
-    def __init__(self, in_ch: int, out_ch: int) -> None:
-        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), ConvBNReLU(in_ch, out_ch))
+    def __init__(self, in_ch: int, out_ch: int, backend: str = "auto") -> None:
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), ConvBNReLU(in_ch, out_ch, backend))
 
 
 def set_backend(module: nn.Module, name: str) -> nn.Module:
@@ -76,7 +77,7 @@ class R2AttUNet(nn.Module):
             make_block(block, in_channels if i == 0 else widths[i - 1], widths[i], **opts) for i in range(depth))
         self.pool = nn.MaxPool2d(2)
         levels = list(reversed(range(depth - 1)))
-        self.up = nn.ModuleList(UpConv(widths[i + 1], widths[i]) for i in levels)
+        self.up = nn.ModuleList(UpConv(widths[i + 1], widths[i], backend) for i in levels)
         self.gates = nn.ModuleList(
             AttentionGate(widths[i], widths[i], max(1, widths[i] // 2), norm=attention_norm, backend=backend)
             for i in levels) if attention else None

@@ -81,7 +81,7 @@ def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: tor
     return impl(x, g, w_x, w_g, bias, w_psi, b_psi, return_psi=return_psi)
 
 
-def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
+def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
                    gammas: list[torch.Tensor], betas: list[torch.Tensor], running_means: list[torch.Tensor],
                    running_vars: list[torch.Tensor], num_batches_tracked: list[torch.Tensor] | None = None, *,
                    t: int, training: bool, momentum: float | None = 0.1, eps: float = 1e-5,
@@ -91,23 +91,29 @@ def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: t
     :func:`r2unet_fast.ops.reference.recurrent_conv`.
 
     Args:
-        x: (N, Cin, H, W); w_f: (C, Cin, 3, 3); b_f: (C,); w_r: (C, C, 3, 3) (``w_f`` itself when tied).
+        x: (N, Cin, H, W); w_f: (C, Cin, 3, 3); b_f: (C,); w_r: (C, C, 3, 3) (``w_f`` itself when tied),
+            or None when t = 0 (conv + BN + ReLU: no recurrent convolution runs).
         gammas, betas, running_means, running_vars (and num_batches_tracked, 0-d): one per BatchNorm,
             1 (shared by every step) or t + 1.
         residual: (N, C, H, W) added to the output (the RRCU block's x0), or None.
     Returns:
         (N, C, H, W) in x's dtype and layout.
     """
-    check_floating(x=x, w_f=w_f, b_f=b_f, w_r=w_r)
-    device = check_same_device(x=x, w_f=w_f, b_f=b_f, w_r=w_r, **{f"gammas[{i}]": g for i, g in enumerate(gammas)})
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        raise ValueError(f"t (recurrent steps) must be an int >= 0, got {t!r}")
+    if w_r is None and t > 0:
+        raise ValueError(f"w_r (the recurrent weight, (C, C, 3, 3)) is needed for t = {t} > 0; only t = 0 "
+                         "(conv + BN + ReLU) runs without it")
+    weights = dict(w_f=w_f, b_f=b_f) if w_r is None else dict(w_f=w_f, b_f=b_f, w_r=w_r)
+    check_floating(x=x, **weights)
+    device = check_same_device(x=x, **weights, **{f"gammas[{i}]": g for i, g in enumerate(gammas)})
     check_ndim("x", x, 4, "(N, Cin, H, W)")
     check_ndim("w_f", w_f, 4, "(C, Cin, 3, 3)")
     c = w_f.shape[0]
     check_shape("w_f", w_f, (c, x.shape[1], 3, 3))
     check_shape("b_f", b_f, (c,))
-    check_shape("w_r", w_r, (c, c, 3, 3))
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise ValueError(f"t (recurrent steps) must be an int >= 0, got {t!r}")
+    if w_r is not None:
+        check_shape("w_r", w_r, (c, c, 3, 3))
     norms = len(gammas)
     if norms not in (1, t + 1):
         raise ValueError(f"one BatchNorm shared by every step or one per step (t + 1 = {t + 1}), got {norms}")
@@ -124,6 +130,11 @@ def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: t
         raise ValueError(f"recurrent_conv needs a non-empty input, got x of shape {tuple(x.shape)}")
     if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"BatchNorm in training mode needs more than one value per channel, got x {tuple(x.shape)}")
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        # Eager autocast runs the 3x3 convolutions in the autocast dtype, so a float32 input (the
+        # U-Net's first layer takes the image) is cast as it would; the op's own convolutions then
+        # see one dtype, forward and backward.
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     impl = dispatch.kernel("recurrent_conv", backend, device)
     return impl(x, w_f, b_f, w_r, list(gammas), list(betas), list(running_means), list(running_vars),
                 None if num_batches_tracked is None else list(num_batches_tracked), t=t, training=training,

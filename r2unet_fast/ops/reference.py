@@ -89,7 +89,7 @@ def attention_gate(x: torch.Tensor, g: torch.Tensor, w_x: torch.Tensor, w_g: tor
     return (out, psi) if return_psi else out
 
 
-def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
+def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
                    gammas: list[torch.Tensor], betas: list[torch.Tensor], running_means: list[torch.Tensor],
                    running_vars: list[torch.Tensor], num_batches_tracked: list[torch.Tensor] | None, *, t: int,
                    training: bool, momentum: float | None = 0.1, eps: float = 1e-5,
@@ -103,11 +103,14 @@ def recurrent_conv(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: t
     cumulative average), exactly as ``nn.BatchNorm2d``.
 
     Args:
-        x: (N, Cin, H, W); w_f: (C, Cin, 3, 3); b_f: (C,); w_r: (C, C, 3, 3) (``w_f`` when tied).
+        x: (N, Cin, H, W); w_f: (C, Cin, 3, 3); b_f: (C,); w_r: (C, C, 3, 3) (``w_f`` when tied), or None
+            at t = 0 (conv + BN + ReLU; raises ValueError for t > 0).
         gammas, betas, running_means, running_vars, num_batches_tracked: one (C,) (counts: 0-d) per BatchNorm.
     Returns:
         (N, C, H, W).
     """
+    if w_r is None and t > 0:
+        raise ValueError(f"w_r (the recurrent weight) is needed for t = {t} > 0")
     feed = F.conv2d(x, w_f, b_f, padding=1)
 
     def norm(k: int, s: torch.Tensor) -> torch.Tensor:

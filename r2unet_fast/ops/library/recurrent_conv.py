@@ -17,7 +17,9 @@ residual add) kernels:
 
 Ops per backend: ``recurrent_conv_train_<b>`` (autograd, batch statistics, returns the batch mean
 and biased variance of every step so the module updates its running statistics) and its
-``_bwd``, and ``recurrent_conv_eval_<b>`` (running statistics, no autograd).
+``_bwd``, and ``recurrent_conv_eval_<b>`` (running statistics, no autograd). ``w_r`` is optional
+(``Tensor?``): at t = 0 the unit is ConvBNReLU (conv + BN + ReLU, ``nn.blocks``), which may change
+the channel count and has no recurrent weight.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from . import NAMESPACE, define, define_with_autograd, dense_layout, ready
 
 _LAUNCHERS: dict[str, str] = {"triton": "r2unet_fast.ops.triton.recurrent_conv", "cpu": "r2unet_fast.ops.cpu"}
 _REGISTERED: set[str] = set()
-# the backward op's outputs: dx (empty when not needed), dw_f, db_f, dw_r, dgamma, dbeta
+# the backward op's outputs: dx (empty when not needed), dw_f, db_f, dw_r (empty at t = 0), dgamma, dbeta
 _SIX_TENSORS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -56,7 +58,7 @@ def _step_norm(k: int, rows: int) -> int:
     return min(k, rows - 1)  # one shared row, or a row per step
 
 
-def _train_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
+def _train_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
                gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None, t: int,
                eps: float) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
     feed = _conv(x, w_f, b_f)
@@ -77,7 +79,7 @@ def _train_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_
     return h, states, torch.stack(means), torch.stack(variances)
 
 
-def _train_bwd(passes, x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor, gamma: torch.Tensor,
+def _train_bwd(passes, x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor | None, gamma: torch.Tensor,
                beta: torch.Tensor, states: list[torch.Tensor], means: torch.Tensor, variances: torch.Tensor,
                grad: torch.Tensor, eps: float, need_x: bool) -> tuple[torch.Tensor | None, ...]:
     t = len(states) - 1
@@ -106,12 +108,12 @@ def _train_bwd(passes, x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor, ga
             d_feed = ds  # read by the convolution's backward above already; from now on summed into
     dx, d_w_f, d_b_f = torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1],
                                                            False, [0, 0], 1, [need_x, True, True])
-    if d_w_r is None:  # t = 0: conv_r never ran
-        d_w_r = torch.zeros_like(w_r)
+    if d_w_r is None:  # t = 0: conv_r never ran (w_r may be None); the autograd formula drops this
+        d_w_r = w_f.new_empty(0)
     return dx, d_w_f, d_b_f, d_w_r, d_gamma.to(gamma.dtype), d_beta.to(beta.dtype)
 
 
-def _eval_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
+def _eval_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
               scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, t: int) -> torch.Tensor:
     feed = _conv(x, w_f, b_f)
     h = passes.rc_bn_relu(feed, None, scale[0], shift[0], residual if t == 0 else None)
@@ -140,34 +142,36 @@ def register(backend: str) -> None:
         return
     passes = importlib.import_module(_LAUNCHERS[backend])
 
-    def train(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor, gamma: torch.Tensor,
+    def train(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None, gamma: torch.Tensor,
               beta: torch.Tensor, residual: torch.Tensor | None, t: int,
               eps: float) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         h, states, means, variances = _train_fwd(passes, x, w_f, b_f, w_r, gamma, beta, residual, t, eps)
         fmt = dense_layout(x)
         return h.contiguous(memory_format=fmt), [s.contiguous(memory_format=fmt) for s in states], means, variances
 
-    def fake_train(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor, gamma: torch.Tensor,
-                   beta: torch.Tensor, residual: torch.Tensor | None, t: int,
+    def fake_train(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
+                   gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None, t: int,
                    eps: float) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
         out = _fake_out(x, w_f)
         stats = x.new_empty((t + 1, w_f.shape[0]), dtype=compute_dtype(x))
         return out, [torch.empty_like(out) for _ in range(t + 1)], stats, torch.empty_like(stats)
 
-    def train_bwd(x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                  states: list[torch.Tensor], means: torch.Tensor, variances: torch.Tensor, grad: torch.Tensor,
-                  eps: float, need_x: bool) -> _SIX_TENSORS:
+    def train_bwd(x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor | None, gamma: torch.Tensor,
+                  beta: torch.Tensor, states: list[torch.Tensor], means: torch.Tensor, variances: torch.Tensor,
+                  grad: torch.Tensor, eps: float, need_x: bool) -> _SIX_TENSORS:
         grads = _train_bwd(passes, x, w_f, w_r, gamma, beta, states, means, variances, grad, eps, need_x)
+        like_w_r = w_r if len(states) > 1 else None  # at t = 0 dw_r is an empty placeholder
         dx, d_w_f, d_b_f, d_w_r, d_gamma, d_beta = (_strided_like(g, like) for g, like in
-                                                    zip(grads, (x, w_f, None, w_r, None, None)))
+                                                    zip(grads, (x, w_f, None, like_w_r, None, None)))
         return x.new_empty(0) if dx is None else dx, d_w_f, d_b_f, d_w_r, d_gamma, d_beta
 
-    def fake_train_bwd(x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor, gamma: torch.Tensor,
+    def fake_train_bwd(x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor | None, gamma: torch.Tensor,
                        beta: torch.Tensor, states: list[torch.Tensor], means: torch.Tensor, variances: torch.Tensor,
                        grad: torch.Tensor, eps: float, need_x: bool) -> _SIX_TENSORS:
         dx = torch.empty_like(x) if need_x else x.new_empty(0)
-        return (dx, torch.empty_like(w_f), w_f.new_empty(w_f.shape[0]), torch.empty_like(w_r),
-                torch.empty_like(gamma), torch.empty_like(beta))
+        d_w_r = torch.empty_like(w_r) if len(states) > 1 else w_f.new_empty(0)  # t = 0: empty, as train_bwd
+        return (dx, torch.empty_like(w_f), w_f.new_empty(w_f.shape[0]), d_w_r, torch.empty_like(gamma),
+                torch.empty_like(beta))
 
     def setup_context(ctx, inputs: tuple, output: tuple) -> None:
         x, w_f, _, w_r, gamma, beta, residual, _, eps = inputs
@@ -182,19 +186,19 @@ def register(backend: str) -> None:
             grad = grad.contiguous(memory_format=dense_layout(states[0])).to(states[0].dtype)
             dx, d_w_f, d_b_f, d_w_r, d_gamma, d_beta = bwd_op(x, w_f, w_r, gamma, beta, states, means, variances,
                                                               grad, ctx.eps, ctx.needs_input_grad[0])
-            if len(states) == 1:  # t = 0: conv_r never ran, and its weight gets no gradient, as in eager
+            if len(states) == 1:  # t = 0: conv_r never ran (w_r may be None); no gradient, as in eager
                 d_w_r = None
             grads = (dx if ctx.needs_input_grad[0] else None, d_w_f, d_b_f, d_w_r, d_gamma, d_beta,
                      grad if ctx.has_residual else None)
             return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)
         return backward
 
-    def evaluate(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor, scale: torch.Tensor,
-                 shift: torch.Tensor, residual: torch.Tensor | None, t: int) -> torch.Tensor:
+    def evaluate(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
+                 scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, t: int) -> torch.Tensor:
         return _eval_fwd(passes, x, w_f, b_f, w_r, scale, shift, residual, t).contiguous(memory_format=dense_layout(x))
 
-    def fake_evaluate(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor, scale: torch.Tensor,
-                      shift: torch.Tensor, residual: torch.Tensor | None, t: int) -> torch.Tensor:
+    def fake_evaluate(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
+                      scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, t: int) -> torch.Tensor:
         return _fake_out(x, w_f)
 
     define_with_autograd(op_name(backend, "train"), backend, train, fake_train, train_bwd, fake_train_bwd,
@@ -203,15 +207,16 @@ def register(backend: str) -> None:
     _REGISTERED.add(backend)
 
 
-def recurrent_conv_fast(backend: str, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
-                        gammas: list[torch.Tensor], betas: list[torch.Tensor], t: int, eps: float, *,
-                        training: bool, running: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+def recurrent_conv_fast(backend: str, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor,
+                        w_r: torch.Tensor | None, gammas: list[torch.Tensor], betas: list[torch.Tensor], t: int,
+                        eps: float, *, training: bool, running: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                         residual: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The unit on ``backend``'s fused op.
 
     Args:
-        x: (N, Cin, H, W); w_f (C, Cin, 3, 3), b_f (C,), w_r (C, C, 3, 3) (``w_f`` itself when tied).
+        x: (N, Cin, H, W); w_f (C, Cin, 3, 3), b_f (C,), w_r (C, C, 3, 3) (``w_f`` itself when tied; None
+            allowed at t = 0).
         gammas, betas: one (C,) per BatchNorm (1 shared or t + 1).
         training: batch statistics and autograd; else ``running`` (mean, var) per BatchNorm.
         residual: (N, C, H, W) added to the output (the RRCU block's x0), or None.
@@ -225,15 +230,16 @@ def recurrent_conv_fast(backend: str, x: torch.Tensor, w_f: torch.Tensor, b_f: t
     if residual is not None:
         residual = residual.contiguous(memory_format=fmt).to(x.dtype)
     ops = getattr(torch.ops, NAMESPACE)
+    w_r = None if w_r is None else w_r.to(x.dtype)
     if training:
         out, _, means, variances = getattr(ops, op_name(backend, "train"))(
-            x, w_f.to(x.dtype), b_f.to(x.dtype), w_r.to(x.dtype), torch.stack(gammas), torch.stack(betas), residual,
+            x, w_f.to(x.dtype), b_f.to(x.dtype), w_r, torch.stack(gammas), torch.stack(betas), residual,
             t, eps)
         return out, means, variances
     dtype = compute_dtype(x)
     affine = [_affine(g, b, rm.to(dtype), rv.to(dtype), eps)[:2] for g, b, (rm, rv) in zip(gammas, betas, running)]
     scale, shift = torch.stack([a[0] for a in affine]), torch.stack([a[1] for a in affine])
-    out = getattr(ops, op_name(backend, "eval"))(x, w_f.to(x.dtype), b_f.to(x.dtype), w_r.to(x.dtype), scale, shift,
+    out = getattr(ops, op_name(backend, "eval"))(x, w_f.to(x.dtype), b_f.to(x.dtype), w_r, scale, shift,
                                                  residual, t)
     return out, None, None
 
@@ -258,12 +264,12 @@ def update_running_stats(means: torch.Tensor, variances: torch.Tensor, count: in
         running_vars[i].mul_(1 - factor).add_(variances[k].to(running_vars[i].dtype), alpha=factor * unbias)
 
 
-def _recurrent_conv(backend: str, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor,
-                    gammas: list[torch.Tensor], betas: list[torch.Tensor], running_means: list[torch.Tensor],
-                    running_vars: list[torch.Tensor], num_batches_tracked: list[torch.Tensor] | None, *, t: int,
-                    training: bool, momentum: float | None = 0.1, eps: float = 1e-5,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-    tensors = [x, w_f, b_f, w_r, *gammas, *betas] + ([] if residual is None else [residual])
+def _recurrent_conv(backend: str, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor,
+                    w_r: torch.Tensor | None, gammas: list[torch.Tensor], betas: list[torch.Tensor],
+                    running_means: list[torch.Tensor], running_vars: list[torch.Tensor],
+                    num_batches_tracked: list[torch.Tensor] | None, *, t: int, training: bool,
+                    momentum: float | None = 0.1, eps: float = 1e-5, residual: torch.Tensor | None = None) -> torch.Tensor:
+    tensors = [v for v in (x, w_f, b_f, w_r, *gammas, *betas, residual) if v is not None]
     if not training and torch.is_grad_enabled() and any(v.requires_grad for v in tensors):
         # the eval op has no backward (it is for inference): gradients through running statistics
         # (a frozen-BatchNorm fine-tune) take the reference, which gives the same values
