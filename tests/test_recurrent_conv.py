@@ -74,7 +74,7 @@ def test_cpu_relu_backward_stops_at_an_exactly_zero_pre_activation(layout):
     mean, rstd, gamma = torch.randn(5, generator=gen), torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen)
     got = cpu.rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, None, True)
     want = oracle.rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, None, True)
-    _assert_all_close(list(got), list(want), 1e-5)
+    assert_all_close(list(got), list(want), 1e-5)
 
 
 @requires_cpp
