@@ -218,7 +218,7 @@ def test_presets_resolve_their_grid_and_settings(tmp_path: Path, monkeypatch: py
     printed = json.loads(stdout)
     config = printed["config"]
     assert (config["dataset"], config["data"], config["image_size"], config["epochs"]) == \
-        ("ph2", str(fallback), 128, 40)
+        ("ph2", str(fallback), 96, 25)
     assert printed["cells"] == [f"{b}-{a}-hybrid-s0" for b in ("conv", "residual", "recurrent", "r2")
                                 for a in ("noatt", "att")]
     code, stdout, err = run(main, ["--preset", "isic2017-gpu", "--data", str(tmp_path), "--seed", "3", "--seeds", "2",
