@@ -1,92 +1,20 @@
-// The recurrent conv step's three fused passes on CPU: add + batch statistics, BN-apply + ReLU
-// (+ feed, + residual), and the BN + ReLU backward. Each replaces three to five eager kernels and
-// their intermediate tensors (see docs/kernels.md).
-//
-// Work items are fixed chunks of at most kChunk pixels of one image (all channels), run in
-// parallel; per-chunk partial sums are reduced in chunk order in double, so every result has the
-// same bits for any thread count. A chunk of a channels_last image is a (len, C) row block; of an
-// NCHW image, C rows of len contiguous pixels at stride HW.
+// The recurrent conv step's forward passes on CPU: add + batch statistics, and BN-apply + ReLU
+// (+ feed, + residual). Each replaces three to five eager kernels and their intermediate tensors
+// (see docs/kernels.md); the backward pass is csrc/recurrent_conv_bwd.cpp, the work split
+// csrc/recurrent_conv_chunks.h.
 #include "recurrent_conv.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "recurrent_conv_chunks.h"
+
 namespace r2unet_fast {
 namespace {
 
-// Pixels per work item: a chunk of a 64-channel float image (256 KB) stays in L2 between the two
-// sweeps of the statistics pass. It fixes the summation order.
-constexpr int64_t kChunk = 1024;
-
-struct Layout {
-  int64_t n, c, hw;
-  bool channels_last;
-  int64_t chunks_per_image() const { return (hw + kChunk - 1) / kChunk; }
-  int64_t items() const { return n * chunks_per_image(); }
-  // element (image, channel, pixel)
-  int64_t at(int64_t image, int64_t ch, int64_t p) const {
-    return channels_last ? (image * hw + p) * c + ch : (image * c + ch) * hw + p;
-  }
-};
-
-Layout layout_of(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "recurrent_conv (cpu): ", name, " must be (N, C, H, W), got ", t.sizes());
-  const bool cl = !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(cl || t.is_contiguous(), "recurrent_conv (cpu): ", name,
-              " must be NCHW-contiguous or channels_last (the Python launcher makes it so)");
-  return {t.size(0), t.size(1), t.size(2) * t.size(3), cl};
-}
-
-void check_like(const at::Tensor& t, const at::Tensor& like, const Layout& d, const char* name) {
-  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type(), "recurrent_conv (cpu): ", name,
-              " must have the shape and dtype of s, got ", t.sizes(), " ", t.scalar_type());
-  const Layout e = layout_of(t, name);
-  TORCH_CHECK(e.channels_last == d.channels_last || d.c == 1 || d.hw == 1, "recurrent_conv (cpu): ", name,
-              " must have s's memory layout");
-}
-
-void check_vector(const at::Tensor& v, int64_t c, at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == c && v.is_contiguous() && v.scalar_type() == dtype,
-              "recurrent_conv (cpu): ", name, " must be a contiguous (", c, ",) ", dtype, " vector, got ",
-              v.sizes(), " ", v.scalar_type());
-}
-
-// fn(item, image, start, len) for every chunk, in parallel
-template <typename Fn>
-void for_each_chunk(const Layout& d, const Fn& fn) {
-  const int64_t chunks = d.chunks_per_image();
-  at::parallel_for(0, d.items(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t image = item / chunks, start = (item % chunks) * kChunk;
-      fn(item, image, start, std::min(kChunk, d.hw - start));
-    }
-  });
-}
-
-// fn(index, channel) over a chunk's elements in memory order
-template <typename Fn>
-inline void for_each_element(const Layout& d, int64_t image, int64_t start, int64_t len, const Fn& fn) {
-  if (d.channels_last) {
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t base = d.at(image, 0, start + j);
-#pragma omp simd
-      for (int64_t ch = 0; ch < d.c; ++ch) {
-        fn(base + ch, ch);
-      }
-    }
-  } else {
-    for (int64_t ch = 0; ch < d.c; ++ch) {
-      const int64_t base = d.at(image, ch, start);
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        fn(base + j, ch);
-      }
-    }
-  }
-}
+using namespace rc_detail;
 
 // One chunk's per-channel mean (in double) and M2 (sum of squared deviations from that mean
 // rounded to T), after out += feed when kFeed. The sums run in T over at most kChunk pixels and of
@@ -236,129 +164,6 @@ void bn_relu(const Layout& d, const T* s, const T* feed, const T* scale, const T
   }
 }
 
-// Per chunk and channel: the sums of dy and dy * xhat, in T. A chunk holds at most kChunk pixels, so
-// float partials lose at most ~kChunk ulps and vectorize at full width; chunks merge in double.
-template <typename T>
-void bn_relu_bwd_partials(const Layout& d, int64_t image, int64_t start, int64_t len, const T* s, const T* dh,
-                          const T* scale, const T* shift, const T* mean, const T* rstd, T* pd, T* px) {
-  const int64_t c = d.c;
-  std::fill(pd, pd + c, T(0));
-  std::fill(px, px + c, T(0));
-  if (d.channels_last) {
-    for (int64_t j = 0; j < len; ++j) {
-      const int64_t base = d.at(image, 0, start + j);
-      const T* sj = s + base;
-      const T* dhj = dh + base;
-#pragma omp simd
-      for (int64_t ch = 0; ch < c; ++ch) {
-        // threshold_backward: a pre-activation <= 0 stops the gradient, a NaN one passes it. The
-        // load comes first: a load under the condition is control flow, which stops vectorization.
-        const T g = dhj[ch];
-        const T dy = sj[ch] * scale[ch] + shift[ch] <= T(0) ? T(0) : g;
-        pd[ch] += dy;
-        px[ch] += dy * ((sj[ch] - mean[ch]) * rstd[ch]);
-      }
-    }
-    return;
-  }
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const int64_t base = d.at(image, ch, start);
-    const T* sc = s + base;
-    const T* dhc = dh + base;
-    const T a = scale[ch], b = shift[ch], m = mean[ch], r = rstd[ch];
-    T sum_dy = 0, sum_dyx = 0;
-#pragma omp simd reduction(+ : sum_dy, sum_dyx)
-    for (int64_t j = 0; j < len; ++j) {
-      const T g = dhc[j];
-      const T dy = sc[j] * a + b <= T(0) ? T(0) : g;
-      sum_dy += dy;
-      sum_dyx += dy * ((sc[j] - m) * r);
-    }
-    pd[ch] = sum_dy;
-    px[ch] = sum_dyx;
-  }
-}
-
-// ds = the BN + ReLU input gradient, dfeed += it; which of the two are written is a template
-// argument, since a pointer test inside the element loop stops vectorization.
-template <typename T>
-struct BnBwdApply {
-  const T *s, *dh, *scale, *shift, *mean, *rstd, *a, *b, *k;
-  T *dfeed, *ds;
-
-  template <bool kDs, bool kDfeed>
-  void run(const Layout& d) const {
-    for_each_chunk(d, [&](int64_t, int64_t image, int64_t start, int64_t len) {
-      for_each_element(d, image, start, len, [&](int64_t i, int64_t ch) {
-        const T grad = dh[i];
-        const T dy = s[i] * scale[ch] + shift[ch] <= T(0) ? T(0) : grad;
-        const T g = a[ch] * (dy - b[ch] - (s[i] - mean[ch]) * rstd[ch] * k[ch]);
-        if constexpr (kDs) {
-          ds[i] = g;
-        }
-        if constexpr (kDfeed) {
-          dfeed[i] += g;
-        }
-      });
-    });
-  }
-};
-
-template <typename T>
-void bn_relu_bwd(const Layout& d, const T* s, const T* dh, const T* scale, const T* shift, const T* mean,
-                 const T* rstd, const T* gamma, T* dfeed, T* ds, T* sum_dy, T* sum_dy_xhat) {
-  const int64_t items = d.items(), c = d.c;
-  std::vector<T> part_dy(items * c), part_dyx(items * c);
-  for_each_chunk(d, [&](int64_t item, int64_t image, int64_t start, int64_t len) {
-    bn_relu_bwd_partials(d, image, start, len, s, dh, scale, shift, mean, rstd, part_dy.data() + item * c,
-                         part_dyx.data() + item * c);
-  });
-  std::vector<double> total_dy(c, 0.0), total_dyx(c, 0.0);
-  for (int64_t item = 0; item < items; ++item) {
-    for (int64_t ch = 0; ch < c; ++ch) {
-      total_dy[ch] += static_cast<double>(part_dy[item * c + ch]);
-      total_dyx[ch] += static_cast<double>(part_dyx[item * c + ch]);
-    }
-  }
-  const double count = static_cast<double>(d.n * d.hw);
-  std::vector<T> a(c), b(c), k(c);
-  for (int64_t ch = 0; ch < c; ++ch) {
-    sum_dy[ch] = static_cast<T>(total_dy[ch]);
-    sum_dy_xhat[ch] = static_cast<T>(total_dyx[ch]);
-    a[ch] = gamma[ch] * rstd[ch];
-    b[ch] = static_cast<T>(total_dy[ch] / count);
-    k[ch] = static_cast<T>(total_dyx[ch] / count);
-  }
-  if (dfeed == nullptr && ds == nullptr) {
-    return;
-  }
-  const BnBwdApply<T> apply{s, dh, scale, shift, mean, rstd, a.data(), b.data(), k.data(), dfeed, ds};
-  if (ds != nullptr && dfeed != nullptr) {
-    apply.template run<true, true>(d);
-  } else if (ds != nullptr) {
-    apply.template run<true, false>(d);
-  } else {
-    apply.template run<false, true>(d);
-  }
-}
-
-template <typename T>
-const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* mutable_data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-void check_dtype(const at::Tensor& s) {
-  TORCH_CHECK(s.device().is_cpu(), "recurrent_conv (cpu): tensors must be on the CPU, got ", s.device());
-  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble,
-              "recurrent_conv (cpu): activations must be float32 or float64 (the Python launcher computes half "
-              "precision in float32), got ",
-              s.scalar_type());
-}
 
 }  // namespace
 
@@ -395,30 +200,5 @@ void rc_bn_relu(const at::Tensor& s, const std::optional<at::Tensor>& feed, cons
   });
 }
 
-void rc_bn_relu_bwd(const at::Tensor& s, const at::Tensor& dh, const at::Tensor& scale, const at::Tensor& shift,
-                    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gamma,
-                    const std::optional<at::Tensor>& dfeed, const std::optional<at::Tensor>& ds,
-                    at::Tensor sum_dy, at::Tensor sum_dy_xhat) {
-  check_dtype(s);
-  const Layout d = layout_of(s, "s");
-  check_like(dh, s, d, "dh");
-  for (const auto& [t, name] : {std::pair{dfeed, "dfeed"}, std::pair{ds, "ds"}}) {
-    if (t.has_value()) {
-      check_like(*t, s, d, name);
-    }
-  }
-  for (const auto& [v, name] : {std::pair{scale, "scale"}, std::pair{shift, "shift"}, std::pair{mean, "mean"},
-                                std::pair{rstd, "rstd"}, std::pair{gamma, "gamma"}, std::pair{sum_dy, "sum_dy"},
-                                std::pair{sum_dy_xhat, "sum_dy_xhat"}}) {
-    check_vector(v, d.c, s.scalar_type(), name);
-  }
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "rc_bn_relu_bwd", [&] {
-    bn_relu_bwd<scalar_t>(d, s.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-                          shift.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(),
-                          gamma.data_ptr<scalar_t>(), mutable_data_or_null<scalar_t>(dfeed),
-                          mutable_data_or_null<scalar_t>(ds), sum_dy.data_ptr<scalar_t>(),
-                          sum_dy_xhat.data_ptr<scalar_t>());
-  });
-}
 
 }  // namespace r2unet_fast
