@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..ops.dispatch import ensure_available, resolve
-from .recurrent import RecurrentConv
+from ..ops.dispatch import ensure_available
+from .recurrent import RecurrentConv, fused_runs_on, unfusable_norms
 
 BLOCKS: tuple[str, ...] = ("conv", "residual", "recurrent", "r2")
 
@@ -31,21 +31,11 @@ class ConvBNReLU(nn.Sequential):
 
     def _unfusable(self) -> str | None:
         """Why the fused op cannot run this BatchNorm, or None."""
-        norm = self[1]
-        if type(norm) is not nn.BatchNorm2d:
-            return f"{type(norm).__name__} norm (statistics shared across processes)"
-        if not (norm.affine and norm.track_running_stats):
-            return "BatchNorm without affine parameters or running statistics"
-        return None
+        return unfusable_norms([self[1]], "norm")
 
     def runs_on(self) -> str:
         """The backend the next forward runs, with the reason when that is not ``self.backend``."""
-        if self.backend == "reference":
-            return "reference"
-        reason = self._unfusable()
-        if reason is not None:
-            return f"reference ({reason})"
-        return resolve(self.fused_op, self.backend, self[0].weight.device)
+        return fused_runs_on(self, self[0].weight.device)
 
     def extra_repr(self) -> str:
         return f"runs_on={self.runs_on()!r}"

@@ -1,12 +1,36 @@
 """The paper's recurrent convolutional layer (Alom et al. 2018) with BatchNorm."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
 from ..ops.dispatch import ensure_available, resolve
+
+
+def unfusable_norms(norms: Iterable[nn.Module], noun: str) -> str | None:
+    """Why the fused ``recurrent_conv`` op cannot run these BatchNorms (called ``noun`` in the
+    reason), or None: it needs plain ``nn.BatchNorm2d`` with affine parameters and running statistics."""
+    for norm in norms:
+        if type(norm) is not nn.BatchNorm2d:
+            return f"{type(norm).__name__} {noun} (statistics shared across processes)"
+        if not (norm.affine and norm.track_running_stats):
+            return "BatchNorm without affine parameters or running statistics"
+    return None
+
+
+def fused_runs_on(layer: nn.Module, device: torch.device) -> str:
+    """What a layer with ``backend``, ``fused_op`` and ``_unfusable()`` runs next on ``device``:
+    its backend, or ``"reference (<why>)"``."""
+    if layer.backend == "reference":
+        return "reference"
+    reason = layer._unfusable()
+    if reason is not None:
+        return f"reference ({reason})"
+    return resolve(layer.fused_op, layer.backend, device)
 
 
 class RecurrentConv(nn.Module):
@@ -49,11 +73,9 @@ class RecurrentConv(nn.Module):
 
     def _unfusable(self) -> str | None:
         """Why the fused op cannot run these norms, or None."""
-        for norm in self.norms:
-            if type(norm) is not nn.BatchNorm2d:
-                return f"{type(norm).__name__} norms (statistics shared across processes)"
-            if not (norm.affine and norm.track_running_stats):
-                return "BatchNorm without affine parameters or running statistics"
+        reason = unfusable_norms(self.norms, "norms")
+        if reason is not None:
+            return reason
         first = self.norms[0]
         if any(n.eps != first.eps or n.momentum != first.momentum for n in self.norms):
             return "BatchNorms with different eps or momentum"
@@ -61,12 +83,7 @@ class RecurrentConv(nn.Module):
 
     def runs_on(self) -> str:
         """The backend the next forward runs, with the reason when that is not ``self.backend``."""
-        if self.backend == "reference":
-            return "reference"
-        reason = self._unfusable()
-        if reason is not None:
-            return f"reference ({reason})"
-        return resolve(self.fused_op, self.backend, self.conv_f.weight.device)
+        return fused_runs_on(self, self.conv_f.weight.device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``h_t`` (+ ``residual``, the RRCU block's skip, added in the fused op's last pass)."""
