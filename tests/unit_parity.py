@@ -58,3 +58,27 @@ def assert_all_close(got: list, want: list, tol: float) -> None:
         # give rounding noise of the unit-sized terms that cancel
         scale = max(b.double().abs().max().item(), 1.0) if b.numel() else 1.0
         torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * scale, msg=lambda m: f"#{i}: {m}")
+
+
+def bf16_autocast_steps(block: torch.nn.Module, backend, x: torch.Tensor) -> tuple[list, list, list]:
+    """One training step of ``block`` on float32 ``x`` under bf16 autocast, on the reference and on
+    ``backend``, and the float64 reference's step: (reference, fast, exact) results of :func:`train_steps`."""
+    exact_model, _ = pair(copy.deepcopy(block), backend)
+    ref, fast = pair(block, backend, torch.float32)
+    exact = train_steps(exact_model, x.double(), 1)
+    results = []
+    for model in (ref, fast):
+        with torch.autocast(backend.device.type, dtype=torch.bfloat16):
+            results.append(train_steps(model, x, 1))
+    return results[0], results[1], exact
+
+
+def assert_bf16_ratio_rule(ref: list, fast: list, exact: list) -> None:
+    """error(fast vs float64) <= 2 x error(reference under autocast vs float64) + a few bf16 ulp."""
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (r, f, e) in enumerate(zip(ref, fast, exact)):
+        if e is None or not e.is_floating_point():
+            continue
+        ref_err = (r.double() - e.double()).abs().max().item()
+        fast_err = (f.double() - e.double()).abs().max().item()
+        assert fast_err <= 2 * ref_err + 4 * eps * e.double().abs().max().item(), (i, fast_err, ref_err)
