@@ -13,6 +13,7 @@ import itertools
 import pytest
 import recurrent_conv_oracle as oracle
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from backend_cases import cases
 from poison import poisoned_allocations
 from unit_parity import assert_all_close, assert_bf16_ratio_rule, bf16_autocast_steps, pair, randn_input, train_steps
@@ -214,6 +215,37 @@ def test_saves_only_inputs_and_step_states_for_backward(backend):
     # input) and per unit each s_k: 3 + 2 * 3 = 9, plus weights and per-channel statistics.
     assert saved_ref >= 14 * act
     assert 9 * act <= saved_fast <= 9 * act + 64 * 1024, (saved_fast / act, saved_ref / act)
+
+
+class _FullSizeFills(TorchDispatchMode):
+    """Counts zero-filled tensors of ``numel`` elements created while active."""
+
+    FILLS = {torch.ops.aten.zeros_like.default, torch.ops.aten.zeros.default, torch.ops.aten.new_zeros.default,
+             torch.ops.aten.fill_.Scalar, torch.ops.aten.zero_.default}
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.FILLS and isinstance(out, torch.Tensor) and out.numel() == self.numel:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_gets_no_zero_gradients_for_the_saved_states(backend):
+    # the step states are outputs of the op (saved for backward, never differentiated); autograd
+    # must not materialise an activation-sized zero gradient for each of them
+    _, fast = pair(RRCUBlock(8, 8, 2), backend, torch.float32)
+    x = randn_input(2, 8, 16, 16, device=backend.device, dtype=torch.float32, channels_last=True)
+    fast.train()
+    out = fast(x)
+    with _FullSizeFills(out.numel()) as fills:
+        out.sum().backward()
+    assert fills.count == 0
+    assert all(p.grad is not None for p in fast.parameters())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
