@@ -14,8 +14,8 @@ vectors are (C,). "Compute dtype" is float32 for fp16/bf16/fp32 activations, flo
   residual`` (``feed`` and ``residual`` may be None), computed in the compute dtype, rounded
   once to ``s``'s dtype; a new tensor in ``s``'s dtype and layout. ``scale``/``shift`` are in
   the compute dtype.
-- ``rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, dfeed, write_ds) -> (ds, sum_dy,
-  sum_dy_xhat)``: the backward of ``h = relu(batch_norm(s))`` in training mode, where
+- ``rc_bn_relu_bwd(s, dh, scale, shift, mean, rstd, gamma, dfeed, write_ds, ds_into_dh=False)
+  -> (ds, sum_dy, sum_dy_xhat)``: the backward of ``h = relu(batch_norm(s))`` in training mode, where
   ``batch_norm(s) = s * scale + shift`` with ``scale = gamma * rstd``,
   ``shift = beta - mean * scale``. With ``dy = 0 where s * scale + shift <= 0, else dh`` (eager
   relu's rule: a NaN pre-activation passes its gradient) and
@@ -24,7 +24,7 @@ vectors are (C,). "Compute dtype" is float32 for fp16/bf16/fp32 activations, flo
   sum_dy_xhat / M)``, M = N*H*W. ``ds`` is a new tensor in ``s``'s dtype and layout when
   ``write_ds`` (else an empty tensor); when ``dfeed`` is not None, ``dfeed += ds`` in place
   (``dfeed`` in ``s``'s dtype and layout). ``sum_dy`` is beta's gradient, ``sum_dy_xhat``
-  gamma's.
+  gamma's. ``ds_into_dh``: ds is written over ``dh`` (given in ``s``'s layout) and returned.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def rc_bn_relu(s: torch.Tensor, feed: torch.Tensor | None, scale: torch.Tensor, 
 
 def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor, gamma: torch.Tensor, dfeed: torch.Tensor | None,
-                   write_ds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   write_ds: bool, ds_into_dh: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sd, dhd = s.double(), dh.double()
     # threshold_backward's rule, as eager relu: the gradient passes unless the output is <= 0 (a NaN passes)
     dy = torch.where((sd * _per_channel(scale.double()) + _per_channel(shift.double())) <= 0, 0.0, dhd)
@@ -72,6 +72,8 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
                                                          - xhat * _per_channel(sum_dy_xhat) / m)
     if dfeed is not None:
         dfeed.copy_((dfeed.double() + ds).to(dfeed.dtype))
+    if write_ds and ds_into_dh:
+        return dh.copy_(ds), sum_dy.to(compute_dtype(s)), sum_dy_xhat.to(compute_dtype(s))
     ds_out = ds.to(s.dtype).contiguous(memory_format=_layout(s)) if write_ds else s.new_empty(0)
     return ds_out, sum_dy.to(compute_dtype(s)), sum_dy_xhat.to(compute_dtype(s))
 

@@ -66,12 +66,16 @@ def _add_stats_both(out, feed):
     return (mine, *got), (theirs, *want)
 
 
-def _bwd_both(s, dh, vec, dfeed, write_ds):
-    """(ds, sum_dy, sum_dy_xhat, dfeed after) from the launcher and from the oracle."""
+def _bwd_both(s, dh, vec, dfeed, write_ds, ds_into_dh=False):
+    """(ds, sum_dy, sum_dy_xhat, dfeed after) from the launcher and from the oracle; with
+    ``ds_into_dh`` each side writes ds over its own copy of dh, and the launcher's ds must be it."""
     mine, theirs = (None, None) if dfeed is None else (dfeed.clone(), dfeed.clone())
     args = [vec[k] for k in ("scale", "shift", "mean", "rstd", "gamma")]
-    got = _rc().rc_bn_relu_bwd(s, dh, *args, mine, write_ds)
-    want = oracle.rc_bn_relu_bwd(s, dh, *args, theirs, write_ds)
+    dh_mine, dh_theirs = (dh.clone(), dh.clone()) if ds_into_dh else (dh, dh)
+    got = _rc().rc_bn_relu_bwd(s, dh_mine, *args, mine, write_ds, ds_into_dh=ds_into_dh)
+    want = oracle.rc_bn_relu_bwd(s, dh_theirs, *args, theirs, write_ds, ds_into_dh=ds_into_dh)
+    if ds_into_dh:
+        assert got[0].data_ptr() == dh_mine.data_ptr()
     return (*got, mine), (*want, theirs)
 
 

@@ -50,6 +50,16 @@ def test_bn_relu_bwd_matches_the_oracle(backend, dtype, channels_last, with_dfee
     _check_all(BWD_NAMES, got, want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@LAYOUTS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bn_relu_bwd_can_write_ds_over_dh(backend, dtype, channels_last):
+    # the recurrent conv's backward hands over a dh it owns; ds replaces it in place
+    acts, vec = _inputs(dtype=dtype, device=backend.device, channels_last=channels_last)
+    got, want = _bwd_both(acts["s"], acts["dh"], vec, acts["dfeed"], True, ds_into_dh=True)
+    _check_all(BWD_NAMES, got, want)
+
+
 
 
 # Under the interpreter (4 programs wanted per launch; tiles of 64 pixels, channel blocks of 32):

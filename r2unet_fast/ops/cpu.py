@@ -176,14 +176,17 @@ def rc_bn_relu(s: torch.Tensor, feed: torch.Tensor | None, scale: torch.Tensor, 
 
 
 def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, gamma: torch.Tensor, dfeed: torch.Tensor | None,
-                   write_ds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   rstd: torch.Tensor, gamma: torch.Tensor, dfeed: torch.Tensor | None, write_ds: bool,
+                   ds_into_dh: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of ``h = relu(s * scale + shift)`` with batch statistics: ds (s's dtype and layout;
-    empty unless ``write_ds``), and sum(dy), sum(dy * xhat) (C,); ``dfeed += ds`` in place unless None."""
+    empty unless ``write_ds``), and sum(dy), sum(dy * xhat) (C,); ``dfeed += ds`` in place unless None.
+    ``ds_into_dh``: ds overwrites ``dh`` (in s's layout, no longer needed by the caller) and is returned."""
     c, dtype = s.shape[1], compute_dtype(s)
     sum_dy, sum_dy_xhat = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
     native = s.dtype in (torch.float32, torch.float64)
-    ds = torch.empty_like(s, dtype=s.dtype if native else torch.float32) if write_ds else None
+    ds = None
+    if write_ds:
+        ds = dh if ds_into_dh and native else torch.empty_like(s, dtype=s.dtype if native else torch.float32)
     acc = dfeed if native or dfeed is None else dfeed.float()
     _C.rc_bn_relu_bwd(s if native else s.float(), dh if native else dh.float(), scale, shift, mean, rstd, gamma,
                       acc, ds, sum_dy, sum_dy_xhat)
@@ -191,4 +194,6 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
         dfeed.copy_(acc)
     if ds is None:
         return s.new_empty(0), sum_dy, sum_dy_xhat
+    if ds_into_dh and not native:
+        return dh.copy_(ds), sum_dy, sum_dy_xhat
     return ds.to(s.dtype), sum_dy, sum_dy_xhat

@@ -46,6 +46,48 @@ def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Ten
     return F.conv2d(x, w, b, padding=1)
 
 
+def _conv_bwd(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, *, weight: bool) -> torch.Tensor:
+    """The 3x3 convolution's (padding 1, no bias) weight gradient, or its input gradient."""
+    grads = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                [not weight, weight, False])
+    return grads[1] if weight else grads[0]
+
+
+# At the top levels the step backward's transients are the largest tensors alive, so the
+# recurrent convolution's backward works on groups of whole images there: the weight gradient
+# recomputes h_{k-1} a group at a time, and the data gradient overwrites ds_k group by group. Groups
+# of at least RECOMPUTE_BYTES and at most RECOMPUTE_GROUPS per batch keep each call efficient.
+RECOMPUTE_BYTES = 1 << 20
+RECOMPUTE_GROUPS = 4
+
+
+def _image_groups(t: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) image ranges splitting t's batch (one range for a small tensor)."""
+    n = t.shape[0]
+    groups = max(1, min(n, RECOMPUTE_GROUPS, -(-t.numel() * t.element_size() // RECOMPUTE_BYTES)))
+    bounds = [n * i // groups for i in range(groups + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _recurrent_conv_bwd(passes, ds: torch.Tensor, s_prev: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        w_r: torch.Tensor, overwrite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv_r's backward at step k: (dh_{k-1}, dw_r) from ds_k, with ``h_{k-1} = relu(s_prev * scale +
+    shift)`` recomputed. ``overwrite``: ds may be replaced by dh_{k-1} in place.
+    ds, s_prev: (N, C, H, W) in one layout; scale, shift (C,)."""
+    groups = _image_groups(s_prev)
+    dw = None
+    for lo, hi in groups:
+        h = passes.rc_bn_relu(s_prev[lo:hi], None, scale, shift, None)
+        part = _conv_bwd(ds[lo:hi], h, w_r, weight=True)
+        del h  # before the next group's h exists
+        dw = part if dw is None else dw + part
+    if len(groups) == 1 or not overwrite:
+        return _conv_bwd(ds, s_prev, w_r, weight=False), dw  # s_prev gives the input's shape only
+    for lo, hi in groups:
+        ds[lo:hi].copy_(_conv_bwd(ds[lo:hi], s_prev[lo:hi], w_r, weight=False))
+    return ds, dw
+
+
 def _affine(gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchNorm as ``s * scale + shift``: (scale, shift, rstd), each (C,) in mean's dtype."""
@@ -90,22 +132,30 @@ def _train_bwd(passes, x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor | N
     d_beta = torch.zeros(beta.shape, dtype=dtype, device=beta.device)
     d_feed = None  # dF = sum of every ds_k: the last step's ds becomes the accumulator, no zero fill
     d_w_r = None
-    dh = grad
+    # Two activation-sized temporaries live at once at the top levels (dF, and ds_k which becomes
+    # dh_{k-1}, plus a group's slice), three below: each is dropped as soon as it is read, ds_k
+    # overwrites the dh_k this function allocated, and the weight gradient runs before the data
+    # gradient (:func:`_recurrent_conv_bwd`).
+    dh, dh_owned = grad, False
     for k in range(t, -1, -1):
         scale, shift, rstd = affine[k]
         row = _step_norm(k, gamma.shape[0])
+        write_ds = k > 0 or d_feed is None
+        in_place = write_ds and dh_owned and dh.stride() == states[k].stride()
         ds, sum_dy, sum_dy_xhat = passes.rc_bn_relu_bwd(states[k], dh, scale, shift, means[k], rstd,
-                                                        gamma[row].to(dtype), d_feed, k > 0 or d_feed is None)
+                                                        gamma[row].to(dtype), d_feed, write_ds, ds_into_dh=in_place)
+        dh = None
         d_gamma[row] += sum_dy_xhat
         d_beta[row] += sum_dy
         if k > 0:
             prev_scale, prev_shift, _ = affine[k - 1]
-            h_prev = passes.rc_bn_relu(states[k - 1], None, prev_scale, prev_shift, None)  # recomputed
-            dh, dw, _ = torch.ops.aten.convolution_backward(ds, h_prev, w_r, None, [1, 1], [1, 1], [1, 1], False,
-                                                             [0, 0], 1, [True, True, False])
+            dh, dw = _recurrent_conv_bwd(passes, ds, states[k - 1], prev_scale, prev_shift, w_r,
+                                         overwrite=d_feed is not None)
+            dh_owned = True
             d_w_r = dw if d_w_r is None else d_w_r + dw
         if d_feed is None:
-            d_feed = ds  # read by the convolution's backward above already; from now on summed into
+            d_feed = ds  # read by the convolutions' backward above already; from now on summed into
+        ds = None
     dx, d_w_f, d_b_f = torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1],
                                                            False, [0, 0], 1, [need_x, True, True])
     if d_w_r is None:  # t = 0: conv_r never ran (w_r may be None); the autograd formula drops this

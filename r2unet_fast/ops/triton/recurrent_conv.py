@@ -191,8 +191,8 @@ def rc_bn_relu(s: torch.Tensor, feed: torch.Tensor | None, scale: torch.Tensor, 
 
 
 def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, gamma: torch.Tensor, dfeed: torch.Tensor | None,
-                   write_ds: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   rstd: torch.Tensor, gamma: torch.Tensor, dfeed: torch.Tensor | None, write_ds: bool,
+                   ds_into_dh: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of ``h = relu(batch_norm(s))`` in training mode, with batch statistics.
 
     Args:
@@ -202,9 +202,12 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
             (``scale = gamma * rstd``, ``shift = beta - mean * scale``).
         dfeed: like s, or None; when given, ``dfeed += ds`` in place (rounded once).
         write_ds: whether to return ds.
+        ds_into_dh: ds overwrites ``dh`` (which the caller no longer needs): each element of dh is
+            read and then written by the same program, after the reduction has read all of it.
     Returns:
-        (ds, sum_dy, sum_dy_xhat): ds a new tensor in s's dtype and layout (an empty tensor when
-        not ``write_ds``); beta's and gamma's gradients, (C,) each in the compute dtype.
+        (ds, sum_dy, sum_dy_xhat): ds a new tensor in s's dtype and layout, or ``dh`` itself when
+        ``ds_into_dh`` (an empty tensor when not ``write_ds``); beta's and gamma's gradients, (C,)
+        each in the compute dtype.
     """
     _check_activations("s", s, dh=dh, dfeed=dfeed)
     _check_channel_vectors("s", s, scale=scale, shift=shift, mean=mean, rstd=rstd, gamma=gamma)
@@ -215,7 +218,7 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
     partials = torch.empty((n * chunks, 2, c), dtype=acc, device=s.device)
     sum_dy = torch.empty((c,), dtype=acc, device=s.device)
     sum_dy_xhat = torch.empty((c,), dtype=acc, device=s.device)
-    ds = torch.empty_like(s) if write_ds else s.new_empty(0)
+    ds = (dh if ds_into_dh else torch.empty_like(s)) if write_ds else s.new_empty(0)
     with _device_guard(s.device):
         _launch("bwd_reduce", _bwd_reduce_tuners, _bwd_reduce_kernel, s, _chunk_grid(n, chunks, c, block_c),
                 s, dh, scale, shift, mean, rstd, partials, h * w, c, chunk_size, *_strides(s), *_strides(dh),
