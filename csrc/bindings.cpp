@@ -78,4 +78,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("s"), py::arg("dh"), py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("rstd"),
         py::arg("gamma"), py::arg("dfeed"), py::arg("ds"), py::arg("sum_dy"), py::arg("sum_dy_xhat"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("rc_conv3x3_wgrad", &r2unet_fast::rc_conv3x3_wgrad,
+        "Weight gradient of a 3x3 stride-1 padding-1 convolution into dw (channels_last), from channels_last grad "
+        "and input; with scale and shift the input is relu(input * scale + shift).",
+        py::arg("grad"), py::arg("input"), py::arg("scale"), py::arg("shift"), py::arg("dw"),
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -25,4 +25,11 @@ void rc_bn_relu_bwd(const at::Tensor& s, const at::Tensor& dh, const at::Tensor&
                     const std::optional<at::Tensor>& dfeed, const std::optional<at::Tensor>& ds,
                     at::Tensor sum_dy, at::Tensor sum_dy_xhat);
 
+// dw (C_out, C_in, 3, 3, channels_last) = the weight gradient of a 3x3 stride-1 padding-1
+// convolution from grad (N, C_out, H, W) and its input, both channels_last; with scale and shift
+// (C_in,) the input is relu(input * scale + shift), computed as it is loaded
+// (csrc/conv3x3_wgrad.cpp).
+void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& shift, at::Tensor dw);
+
 }  // namespace r2unet_fast

@@ -69,23 +69,43 @@ def _image_groups(t: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _fused_wgrad(passes, grad: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the backend has a 3x3 weight-gradient kernel for these tensors (the C++ one, which
+    also applies the recomputed BatchNorm + ReLU as it loads its input)."""
+    applies = getattr(passes, "conv3x3_wgrad_applies", None)
+    return applies is not None and applies(grad, x)
+
+
 def _recurrent_conv_bwd(passes, ds: torch.Tensor, s_prev: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                         w_r: torch.Tensor, overwrite: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """conv_r's backward at step k: (dh_{k-1}, dw_r) from ds_k, with ``h_{k-1} = relu(s_prev * scale +
     shift)`` recomputed. ``overwrite``: ds may be replaced by dh_{k-1} in place.
     ds, s_prev: (N, C, H, W) in one layout; scale, shift (C,)."""
     groups = _image_groups(s_prev)
-    dw = None
-    for lo, hi in groups:
-        h = passes.rc_bn_relu(s_prev[lo:hi], None, scale, shift, None)
-        part = _conv_bwd(ds[lo:hi], h, w_r, weight=True)
-        del h  # before the next group's h exists
-        dw = part if dw is None else dw + part
+    if _fused_wgrad(passes, ds, s_prev):
+        dw = passes.conv3x3_wgrad(ds, s_prev, scale, shift)
+    else:
+        dw = None
+        for lo, hi in groups:
+            h = passes.rc_bn_relu(s_prev[lo:hi], None, scale, shift, None)
+            part = _conv_bwd(ds[lo:hi], h, w_r, weight=True)
+            del h  # before the next group's h exists
+            dw = part if dw is None else dw + part
     if len(groups) == 1 or not overwrite:
         return _conv_bwd(ds, s_prev, w_r, weight=False), dw  # s_prev gives the input's shape only
     for lo, hi in groups:
         ds[lo:hi].copy_(_conv_bwd(ds[lo:hi], s_prev[lo:hi], w_r, weight=False))
     return ds, dw
+
+
+def _feed_conv_bwd(passes, d_feed: torch.Tensor, x: torch.Tensor, w_f: torch.Tensor,
+                   need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """conv_f's backward from dF: (dx or None, dw_f, db_f)."""
+    if not _fused_wgrad(passes, d_feed, x):
+        return torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1], False,
+                                                   [0, 0], 1, [need_x, True, True])
+    dx = _conv_bwd(d_feed, x, w_f, weight=False) if need_x else None
+    return dx, passes.conv3x3_wgrad(d_feed, x, None, None), d_feed.sum((0, 2, 3))
 
 
 def _affine(gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
@@ -156,8 +176,7 @@ def _train_bwd(passes, x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor | N
         if d_feed is None:
             d_feed = ds  # read by the convolutions' backward above already; from now on summed into
         ds = None
-    dx, d_w_f, d_b_f = torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1],
-                                                           False, [0, 0], 1, [need_x, True, True])
+    dx, d_w_f, d_b_f = _feed_conv_bwd(passes, d_feed, x, w_f, need_x)
     if d_w_r is None:  # t = 0: conv_r never ran (w_r may be None); the autograd formula drops this
         d_w_r = w_f.new_empty(0)
     return dx, d_w_f, d_b_f, d_w_r, d_gamma.to(gamma.dtype), d_beta.to(beta.dtype)

@@ -1,0 +1,134 @@
+"""The C++ 3x3 weight-gradient kernel (``csrc/conv3x3_wgrad.cpp``) the CPU recurrent conv's backward
+uses: against ATen's convolution backward in float64 (odd shapes, several tiles and partial sums,
+the BatchNorm + ReLU applied on load, NaN), the same bits for any thread count, its errors, and
+the recurrent and conv units on it matching the reference over training steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+from backend_cases import cases
+from unit_parity import assert_all_close, pair, randn_input, train_steps
+
+from r2unet_fast import ops
+from r2unet_fast.nn import ConvBNReLU
+from r2unet_fast.nn.blocks import RRCUBlock
+
+CPU_ONLY = cases("recurrent_conv", ("cpu",))
+_REASON = ops.available_backends("recurrent_conv", "cpu")["cpu"]
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend: {_REASON}")
+
+
+def _cpu():
+    from r2unet_fast.ops import cpu
+
+    return cpu
+
+
+def _aten_wgrad(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    w = torch.empty(grad.shape[1], h.shape[1], 3, 3, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(grad.double(), h.double(), w, None, [1, 1], [1, 1], [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1]
+
+
+def _case(n: int, c_in: int, c_out: int, h: int, w: int, dtype: torch.dtype = torch.float64):
+    x = randn_input(n, c_in, h, w, dtype=dtype, channels_last=True)
+    grad = randn_input(n, c_out, h, w, dtype=dtype, channels_last=True)
+    scale = (torch.rand(c_in, dtype=torch.float64) + 0.5).to(dtype)
+    shift = torch.randn(c_in, dtype=torch.float64).to(dtype)
+    return x, grad, scale, shift
+
+
+# (2, 8, 40, 40) and (3, 8, 37, 29): more than one tile of unfolded columns (131072 values, 1820
+# pixels at 8 channels), so two and more partial sums; the rest fit one tile.
+SHAPES = [(2, 5, 6, 7, 9), (1, 3, 4, 1, 1), (3, 4, 4, 2, 13), (2, 8, 3, 40, 40), (3, 8, 5, 37, 29)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn_relu_on_load"])
+def test_matches_aten_in_float64(shape, prologue):
+    x, grad, scale, shift = _case(*shape)
+    h = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) if prologue else x
+    got = _cpu().conv3x3_wgrad(grad, x, scale if prologue else None, shift if prologue else None)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float64
+    torch.testing.assert_close(got, _aten_wgrad(grad, h), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_follows_the_ratio_rule():
+    # float32 error against float64 truth within 2x that of ATen's own float32 weight gradient
+    x, grad, scale, shift = _case(2, 8, 6, 40, 40, torch.float32)
+    h = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    truth = _aten_wgrad(grad, h)
+    w = torch.empty(6, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    aten = torch.ops.aten.convolution_backward(grad, h, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                               [False, True, False])[1]
+    mine = _cpu().conv3x3_wgrad(grad, x, scale, shift)
+    assert (mine.double() - truth).abs().max() <= 2 * (aten.double() - truth).abs().max() + 1e-6
+
+
+def test_nan_in_the_input_reaches_the_weights_it_touches():
+    x, grad, scale, shift = _case(1, 3, 2, 5, 5)
+    x[0, 1, 2, 2] = float("nan")
+    h = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    got = _cpu().conv3x3_wgrad(grad, x, scale, shift)
+    want = _aten_wgrad(grad, h)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[:, 1].all() and not got.isnan()[:, 0].any()
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-12, atol=1e-12)
+
+
+def test_same_bits_for_any_thread_count():
+    x, grad, scale, shift = _case(3, 8, 5, 37, 29, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_cpu().conv3x3_wgrad(grad, x, scale, shift))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nchw", "channels_last"), ("dtype", "share a dtype"), ("shape", "does not match"),
+    ("half_prologue", "both scale and shift"), ("scale_size", "scale and shift must be contiguous"),
+])
+def test_bad_inputs_raise_errors_naming_the_problem(case, message):
+    x, grad, scale, shift = _case(2, 3, 4, 5, 6)
+    dw = torch.empty(4, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    args = {"nchw": (grad.contiguous(), x, scale, shift), "dtype": (grad, x.float(), scale, shift),
+            "shape": (randn_input(2, 4, 4, 6, channels_last=True), x, scale, shift), "half_prologue": (grad, x, scale, None),
+            "scale_size": (grad, x, scale[:2], shift[:2])}[case]
+    with pytest.raises(RuntimeError, match=message):
+        _cpu()._C.rc_conv3x3_wgrad(*args, dw)
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_recurrent_block_on_the_kernel_matches_the_reference(backend, tied, monkeypatch):
+    # the model's channel counts are at least 32 where the kernel runs; these small tests lower that
+    cpu = _cpu()
+    monkeypatch.setattr(cpu, "CONV3X3_WGRAD_MIN_CHANNELS", 1)
+    calls = []
+    monkeypatch.setattr(cpu, "conv3x3_wgrad", lambda *a: calls.append(a[3] is not None) or _unpatched(*a))
+    ref, fast = pair(RRCUBlock(5, 6, 2, tied=tied), backend)
+    x = randn_input(3, 5, 7, 9, device=backend.device, channels_last=True)
+    assert_all_close(train_steps(fast, x, steps=2), train_steps(ref, x, steps=2), 1e-9)
+    # per unit and step: conv_r's two weight gradients with BN + ReLU on load, conv_f's without
+    assert calls.count(True) == 2 * 2 * 2 and calls.count(False) == 2 * 2
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+def test_conv_unit_on_the_kernel_matches_the_eager_layers(backend, monkeypatch):
+    monkeypatch.setattr(_cpu(), "CONV3X3_WGRAD_MIN_CHANNELS", 1)
+    ref, fast = pair(ConvBNReLU(5, 6), backend)
+    x = randn_input(2, 5, 7, 9, device=backend.device, channels_last=True)
+    assert_all_close(train_steps(fast, x, steps=2), train_steps(ref, x, steps=2), 1e-9)
+
+
+def _unpatched(*args):
+    from r2unet_fast.ops.cpu import _C
+
+    grad, x, scale, shift = args
+    dw = torch.empty((grad.shape[1], x.shape[1], 3, 3), dtype=grad.dtype).contiguous(memory_format=torch.channels_last)
+    _C.rc_conv3x3_wgrad(grad, x, scale, shift, dw)
+    return dw
