@@ -68,6 +68,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rc_add_stats", &r2unet_fast::rc_add_stats,
         "out += feed (None: nothing added), then out's per-channel mean and biased variance into mean, var (C,).",
         py::arg("out"), py::arg("feed"), py::arg("mean"), py::arg("var"), py::call_guard<py::gil_scoped_release>());
+  m.def("rc_add_stats_affine", &r2unet_fast::rc_add_stats_affine,
+        "rc_add_stats for one step, then that step's BatchNorm as scale and shift: stats (5, steps, C) gets "
+        "mean, biased var, scale, shift, rstd at [., step, .] from gamma and beta row `row`.",
+        py::arg("out"), py::arg("feed"), py::arg("gamma"), py::arg("beta"), py::arg("row"), py::arg("eps"),
+        py::arg("stats"), py::arg("step"), py::call_guard<py::gil_scoped_release>());
   m.def("rc_bn_relu", &r2unet_fast::rc_bn_relu,
         "h = relu((s + feed) * scale + shift) + residual (feed, residual: None for none).", py::arg("s"),
         py::arg("feed"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("h"),

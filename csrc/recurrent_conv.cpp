@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "recurrent_conv_chunks.h"
@@ -179,6 +180,44 @@ void rc_add_stats(at::Tensor out, const std::optional<at::Tensor>& feed, at::Ten
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rc_add_stats", [&] {
     add_stats<scalar_t>(d, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(feed), mean.data_ptr<scalar_t>(),
                         var.data_ptr<scalar_t>());
+  });
+}
+
+void rc_add_stats_affine(at::Tensor out, const std::optional<at::Tensor>& feed, const at::Tensor& gamma,
+                         const at::Tensor& beta, int64_t row, double eps, at::Tensor stats, int64_t step) {
+  check_dtype(out);
+  const Layout d = layout_of(out, "out");
+  if (feed.has_value()) {
+    check_like(*feed, out, d, "feed");
+  }
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) == 5 && stats.size(2) == d.c && stats.is_contiguous() &&
+                  stats.scalar_type() == out.scalar_type() && step >= 0 && step < stats.size(1),
+              "recurrent_conv (cpu): stats must be a contiguous (5, steps, ", d.c, ") tensor of out's dtype and step "
+              "one of its steps, got ", stats.sizes(), " ", stats.scalar_type(), " step ", step);
+  for (const auto& [v, name] : {std::pair{gamma, "gamma"}, std::pair{beta, "beta"}}) {
+    TORCH_CHECK(v.dim() == 2 && v.size(1) == d.c && v.is_contiguous() && v.scalar_type() == out.scalar_type() &&
+                    row >= 0 && row < v.size(0),
+                "recurrent_conv (cpu): ", name, " must be a contiguous (norms, ", d.c, ") tensor of out's dtype and row "
+                "one of its rows, got ", v.sizes(), " row ", row);
+  }
+  TORCH_CHECK(d.n * d.hw > 0, "recurrent_conv (cpu): batch statistics need at least one pixel");
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rc_add_stats_affine", [&] {
+    const int64_t steps = stats.size(1), c = d.c;
+    scalar_t* base = stats.data_ptr<scalar_t>();
+    scalar_t* field[5];
+    for (int64_t f = 0; f < 5; ++f) {
+      field[f] = base + (f * steps + step) * c;
+    }
+    add_stats<scalar_t>(d, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(feed), field[0], field[1]);
+    const scalar_t* g = gamma.data_ptr<scalar_t>() + row * c;
+    const scalar_t* b = beta.data_ptr<scalar_t>() + row * c;
+    // the BatchNorm as s * scale + shift, as ops/library/recurrent_conv.py's _affine computes it
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const scalar_t rstd = scalar_t(1) / std::sqrt(field[1][ch] + static_cast<scalar_t>(eps));
+      field[2][ch] = g[ch] * rstd;
+      field[3][ch] = b[ch] - field[0][ch] * field[2][ch];
+      field[4][ch] = rstd;
+    }
   });
 }
 

@@ -14,6 +14,12 @@ namespace r2unet_fast {
 // not depend on the thread count.
 void rc_add_stats(at::Tensor out, const std::optional<at::Tensor>& feed, at::Tensor mean, at::Tensor var);
 
+// rc_add_stats for step `step` of a unit, and the BatchNorm of that step as s * scale + shift with
+// gamma and beta row `row` (norms, C): stats (5, steps, C) gets mean, biased var, scale, shift
+// and rstd = 1 / sqrt(var + eps) in its rows [., step, .]. One call instead of a dozen tiny ops.
+void rc_add_stats_affine(at::Tensor out, const std::optional<at::Tensor>& feed, const at::Tensor& gamma,
+                         const at::Tensor& beta, int64_t row, double eps, at::Tensor stats, int64_t step);
+
 // h = relu((s + feed) * scale + shift) + residual; feed and residual optional.
 void rc_bn_relu(const at::Tensor& s, const std::optional<at::Tensor>& feed, const at::Tensor& scale,
                 const at::Tensor& shift, const std::optional<at::Tensor>& residual, at::Tensor h);

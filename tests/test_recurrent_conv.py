@@ -22,6 +22,7 @@ from r2unet_fast import ops
 from r2unet_fast.nn import RecurrentConv
 from r2unet_fast.nn.blocks import RRCUBlock
 from r2unet_fast.ops.library import recurrent_conv as lib
+from r2unet_fast.ops.library import recurrent_conv_steps as steps
 
 BACKENDS = cases("recurrent_conv")
 CPU_ONLY = cases("recurrent_conv", ("cpu",))
@@ -62,6 +63,28 @@ def test_cpu_passes_match_their_statements(channels_last, dtype, with_extras):
     assert result[0].data_ptr() == over.data_ptr()
     assert_all_close(list(result) + ([mine] if with_extras else []),
                       list(expected) + ([dfeed] if with_extras else []), 8e-3 if dtype == torch.bfloat16 else tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("row, step", [(0, 0), (1, 2)], ids=["first", "later_row_and_step"])
+@requires_cpp
+def test_cpu_step_stats_match_add_stats_and_the_affine(dtype, row, step):
+    from r2unet_fast.ops import cpu
+
+    out = (randn_input(2, 6, 7, 9, channels_last=True) * 3 + 2).to(dtype)
+    feed = randn_input(2, 6, 7, 9, channels_last=True).to(dtype)
+    gamma, beta = torch.randn(3, 6, dtype=dtype), torch.randn(3, 6, dtype=dtype)
+    stats = torch.full((5, 3, 6), float("nan"), dtype=dtype)
+    got = out.clone()
+    cpu.rc_add_stats_affine(got, feed, gamma, beta, row, 1e-5, stats, step)
+    want = out.clone()
+    mean, var = cpu.rc_add_stats(want, feed)
+    expected = torch.stack([mean, var, *steps.affine(gamma[row], beta[row], mean, var, 1e-5)[:2],
+                            torch.rsqrt(var + 1e-5)])
+    assert torch.equal(got, want)
+    torch.testing.assert_close(stats[:, step], expected, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+    others = [k for k in range(3) if k != step]
+    assert stats[:, others].isnan().all()  # only its own step is written
 
 
 @requires_cpp
@@ -152,8 +175,8 @@ def test_rrcu_block_matches_the_reference_in_training_and_eval(backend, t, tied,
 def test_backward_by_image_groups_matches_the_reference(backend, channels_last, batch, monkeypatch):
     # large activations take the recurrent convolution's backward a group of images at a time
     # (uneven groups for 3 and 5 images; dh_{k-1} overwrites ds_k group by group)
-    monkeypatch.setattr(lib, "RECOMPUTE_BYTES", 1)
-    assert len(lib._image_groups(torch.empty(batch, 1, 1, 1))) == min(batch, lib.RECOMPUTE_GROUPS)
+    monkeypatch.setattr(steps, "RECOMPUTE_BYTES", 1)
+    assert len(steps._image_groups(torch.empty(batch, 1, 1, 1))) == min(batch, steps.RECOMPUTE_GROUPS)
     for tied in (False, True):
         ref, fast = pair(RRCUBlock(4, 4, 2, tied=tied), backend)
         x = randn_input(batch, 4, 5, 7, device=backend.device, channels_last=channels_last)

@@ -229,3 +229,16 @@ def conv3x3_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | Non
     dw = torch.empty((grad.shape[1], x.shape[1], 3, 3), dtype=grad.dtype).contiguous(memory_format=torch.channels_last)
     _C.rc_conv3x3_wgrad(grad, x, scale, shift, dw)
     return dw
+
+
+def rc_add_stats_affine(out: torch.Tensor, feed: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
+                        row: int, eps: float, stats: torch.Tensor, step: int) -> None:
+    """:func:`rc_add_stats` for one step of a unit, then that step's BatchNorm as ``s * scale + shift``,
+    in one call: ``stats[:, step] = (mean, var, scale, shift, rstd)`` with gamma and beta row ``row``.
+
+    Args:
+        out, feed: as for :func:`rc_add_stats`, float32 or float64 (other dtypes take the Python route).
+        gamma, beta: (norms, C) contiguous in out's dtype.
+        stats: (5, steps, C) contiguous in out's dtype, written at ``[:, step]``.
+    """
+    _C.rc_add_stats_affine(out, feed, gamma, beta, row, eps, stats, step)
