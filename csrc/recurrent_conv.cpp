@@ -166,17 +166,23 @@ void bn_relu(const Layout& d, const T* s, const T* feed, const T* scale, const T
 }
 
 
-}  // namespace
-
-void rc_add_stats(at::Tensor out, const std::optional<at::Tensor>& feed, at::Tensor mean, at::Tensor var) {
+// The checks of an add + statistics pass's out and feed; out's layout.
+Layout check_add_stats(const at::Tensor& out, const std::optional<at::Tensor>& feed) {
   check_dtype(out);
   const Layout d = layout_of(out, "out");
   if (feed.has_value()) {
     check_like(*feed, out, d, "feed");
   }
+  TORCH_CHECK(d.n * d.hw > 0, "recurrent_conv (cpu): batch statistics need at least one pixel");
+  return d;
+}
+
+}  // namespace
+
+void rc_add_stats(at::Tensor out, const std::optional<at::Tensor>& feed, at::Tensor mean, at::Tensor var) {
+  const Layout d = check_add_stats(out, feed);
   check_vector(mean, d.c, out.scalar_type(), "mean");
   check_vector(var, d.c, out.scalar_type(), "var");
-  TORCH_CHECK(d.n * d.hw > 0, "recurrent_conv (cpu): batch statistics need at least one pixel");
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rc_add_stats", [&] {
     add_stats<scalar_t>(d, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(feed), mean.data_ptr<scalar_t>(),
                         var.data_ptr<scalar_t>());
@@ -185,11 +191,7 @@ void rc_add_stats(at::Tensor out, const std::optional<at::Tensor>& feed, at::Ten
 
 void rc_add_stats_affine(at::Tensor out, const std::optional<at::Tensor>& feed, const at::Tensor& gamma,
                          const at::Tensor& beta, int64_t row, double eps, at::Tensor stats, int64_t step) {
-  check_dtype(out);
-  const Layout d = layout_of(out, "out");
-  if (feed.has_value()) {
-    check_like(*feed, out, d, "feed");
-  }
+  const Layout d = check_add_stats(out, feed);
   TORCH_CHECK(stats.dim() == 3 && stats.size(0) == 5 && stats.size(2) == d.c && stats.is_contiguous() &&
                   stats.scalar_type() == out.scalar_type() && step >= 0 && step < stats.size(1),
               "recurrent_conv (cpu): stats must be a contiguous (5, steps, ", d.c, ") tensor of out's dtype and step "
@@ -200,7 +202,6 @@ void rc_add_stats_affine(at::Tensor out, const std::optional<at::Tensor>& feed, 
                 "recurrent_conv (cpu): ", name, " must be a contiguous (norms, ", d.c, ") tensor of out's dtype and row "
                 "one of its rows, got ", v.sizes(), " row ", row);
   }
-  TORCH_CHECK(d.n * d.hw > 0, "recurrent_conv (cpu): batch statistics need at least one pixel");
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rc_add_stats_affine", [&] {
     const int64_t steps = stats.size(1), c = d.c;
     scalar_t* base = stats.data_ptr<scalar_t>();
