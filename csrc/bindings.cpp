@@ -86,6 +86,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rc_conv3x3_wgrad", &r2unet_fast::rc_conv3x3_wgrad,
         "Weight gradient of a 3x3 stride-1 padding-1 convolution into dw (channels_last), from channels_last grad "
         "and input; with scale and shift the input is relu(input * scale + shift).",
-        py::arg("grad"), py::arg("input"), py::arg("scale"), py::arg("shift"), py::arg("dw"),
+        py::arg("grad"), py::arg("input"), py::arg("scale"), py::arg("shift"), py::arg("dw"), py::arg("direct"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("rc_conv3x3_wgrad_direct_supported", &r2unet_fast::rc_conv3x3_wgrad_direct_supported,
+        "Whether rc_conv3x3_wgrad(direct=True) runs the direct AVX2 + FMA kernel for float32 on this CPU.");
 }

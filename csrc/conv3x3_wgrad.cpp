@@ -6,8 +6,12 @@
 // this one is an im2col GEMM: tiles of pixels are unfolded into an L2-sized (P, 9 C_in) buffer
 // (h computed on the fly, so the recurrent step's h_{k-1} never goes to memory) and multiplied by
 // the matching (P, C_out) rows of g. Fixed tile ranges accumulate into their own partial sums,
-// added in order, so the result has the same bits for any thread count.
+// added in order, so the result has the same bits for any thread count. On AVX2 CPUs float32 takes
+// the direct kernel of csrc/conv3x3_wgrad_direct.cpp instead, which is faster at every channel
+// count measured; the GEMM stays for float64 and other CPUs.
 #include "recurrent_conv.h"
+
+#include "conv3x3_wgrad_direct.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,14 +30,9 @@ constexpr int64_t kColumnElements = 1 << 17;
 constexpr int64_t kMaxPartials = 4;
 constexpr int64_t kPartialBytes = 16 << 20;
 
-struct Geometry {
-  int64_t n, c_in, c_out, h, w;
-  int64_t pixels() const { return n * h * w; }
-};
-
 // col[j, (kh * 3 + kw) * C_in + i] for the tile's pixels p0 .. p0 + len - 1 (image-major order).
 template <typename T, bool kPrologue>
-void unfold_tile(const Geometry& d, const T* x, const T* scale, const T* shift, int64_t p0, int64_t len, T* col) {
+void unfold_tile(const WgradShape& d, const T* x, const T* scale, const T* shift, int64_t p0, int64_t len, T* col) {
   const int64_t c = d.c_in, hw = d.h * d.w;
   for (int64_t j = 0; j < len; ++j) {
     const int64_t p = p0 + j, image = p / hw, y = (p % hw) / d.w, xx = p % d.w;
@@ -61,7 +60,7 @@ void unfold_tile(const Geometry& d, const T* x, const T* scale, const T* shift, 
 }
 
 template <typename T, bool kPrologue>
-void wgrad(const Geometry& d, const T* g, const T* x, const T* scale, const T* shift, T* dw,
+void wgrad(const WgradShape& d, const T* g, const T* x, const T* scale, const T* shift, T* dw,
            const at::TensorOptions& options) {
   const int64_t row = 9 * d.c_in, pixels = d.pixels();
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(pixels, kColumnElements / row));
@@ -100,7 +99,7 @@ bool channels_last_4d(const at::Tensor& t) {
 }  // namespace
 
 void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& shift, at::Tensor dw) {
+                      const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct) {
   TORCH_CHECK(grad.device().is_cpu() && input.device().is_cpu() && dw.device().is_cpu(),
               "conv3x3_wgrad (cpu): tensors must be on the CPU");
   TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble,
@@ -110,7 +109,7 @@ void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std
   TORCH_CHECK(channels_last_4d(grad) && channels_last_4d(input),
               "conv3x3_wgrad (cpu): grad and input must be (N, C, H, W) channels_last, got strides ", grad.strides(),
               " and ", input.strides());
-  const Geometry d{input.size(0), input.size(1), grad.size(1), input.size(2), input.size(3)};
+  const WgradShape d{input.size(0), input.size(1), grad.size(1), input.size(2), input.size(3)};
   TORCH_CHECK(grad.size(0) == d.n && grad.size(2) == d.h && grad.size(3) == d.w,
               "conv3x3_wgrad (cpu): grad ", grad.sizes(), " does not match input ", input.sizes());
   TORCH_CHECK(dw.dim() == 4 && dw.size(0) == d.c_out && dw.size(1) == d.c_in && dw.size(2) == 3 && dw.size(3) == 3 &&
@@ -127,6 +126,12 @@ void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std
     dw.zero_();
     return;
   }
+  if (direct && grad.scalar_type() == at::kFloat && wgrad_direct::supported()) {
+    wgrad_direct::wgrad(d, grad.data_ptr<float>(), input.data_ptr<float>(),
+                        scale.has_value() ? scale->data_ptr<float>() : nullptr,
+                        shift.has_value() ? shift->data_ptr<float>() : nullptr, dw.data_ptr<float>());
+    return;
+  }
   const auto options = grad.options().memory_format(at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rc_conv3x3_wgrad", [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
@@ -139,5 +144,7 @@ void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std
     }
   });
 }
+
+bool rc_conv3x3_wgrad_direct_supported() { return wgrad_direct::supported(); }
 
 }  // namespace r2unet_fast

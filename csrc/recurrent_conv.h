@@ -34,8 +34,12 @@ void rc_bn_relu_bwd(const at::Tensor& s, const at::Tensor& dh, const at::Tensor&
 // dw (C_out, C_in, 3, 3, channels_last) = the weight gradient of a 3x3 stride-1 padding-1
 // convolution from grad (N, C_out, H, W) and its input, both channels_last; with scale and shift
 // (C_in,) the input is relu(input * scale + shift), computed as it is loaded
-// (csrc/conv3x3_wgrad.cpp).
+// (csrc/conv3x3_wgrad.cpp). direct: float32 takes csrc/conv3x3_wgrad_direct.cpp's kernel where the
+// CPU has AVX2 + FMA, else the im2col GEMM.
 void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& shift, at::Tensor dw);
+                      const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct);
+
+// Whether rc_conv3x3_wgrad(..., direct=true) runs the direct AVX2 kernel for float32 on this CPU.
+bool rc_conv3x3_wgrad_direct_supported();
 
 }  // namespace r2unet_fast

@@ -199,22 +199,30 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
     return ds.to(s.dtype), sum_dy, sum_dy_xhat
 
 
-# Below this many channels on either side the GEMM is too thin for the im2col kernel to beat
-# oneDNN (measured at 16 channels, 96x96); the recurrent conv's backward then keeps ATen's.
+# Below this many channels on either side the im2col GEMM is too thin to beat oneDNN (measured at
+# 16 channels, 96x96); the direct AVX2 kernel (float32) beats oneDNN at every channel count measured.
 CONV3X3_WGRAD_MIN_CHANNELS = 32
+
+
+def conv3x3_wgrad_direct() -> bool:
+    """Whether float32 weight gradients take the direct AVX2 + FMA kernel on this CPU (else the
+    im2col GEMM, as float64 always does)."""
+    return bool(_C.rc_conv3x3_wgrad_direct_supported())
 
 
 def conv3x3_wgrad_applies(grad: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :func:`conv3x3_wgrad` runs these tensors: float32/float64, both channels_last
-    (N, C, H, W), at least :data:`CONV3X3_WGRAD_MIN_CHANNELS` channels in and out."""
+    (N, C, H, W), and either float32 on the direct kernel (:func:`conv3x3_wgrad_direct`) or at
+    least :data:`CONV3X3_WGRAD_MIN_CHANNELS` channels in and out."""
     return (grad.dtype in (torch.float32, torch.float64) and x.dtype == grad.dtype and grad.dim() == 4
-            and x.dim() == 4 and min(grad.shape[1], x.shape[1]) >= CONV3X3_WGRAD_MIN_CHANNELS
-            and grad.is_contiguous(memory_format=torch.channels_last)
-            and x.is_contiguous(memory_format=torch.channels_last))
+            and x.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and ((grad.dtype == torch.float32 and conv3x3_wgrad_direct())
+                 or min(grad.shape[1], x.shape[1]) >= CONV3X3_WGRAD_MIN_CHANNELS))
 
 
 def conv3x3_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None,
-                  shift: torch.Tensor | None) -> torch.Tensor:
+                  shift: torch.Tensor | None, *, direct: bool = True) -> torch.Tensor:
     """The weight gradient of a 3x3, stride-1, padding-1 convolution whose input is
     ``relu(x * scale + shift)`` (or ``x`` when scale and shift are None), the activation computed
     as it is loaded, never stored.
@@ -223,11 +231,13 @@ def conv3x3_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | Non
         grad: (N, C_out, H, W), x: (N, C_in, H, W), channels_last, one dtype (float32/float64;
             :func:`conv3x3_wgrad_applies`).
         scale, shift: (C_in,) in that dtype, or both None.
+        direct: float32 takes the direct kernel where the CPU has it; False forces the im2col GEMM
+            (both give the same values up to rounding order).
     Returns:
         dw (C_out, C_in, 3, 3), channels_last, in that dtype.
     """
     dw = torch.empty((grad.shape[1], x.shape[1], 3, 3), dtype=grad.dtype).contiguous(memory_format=torch.channels_last)
-    _C.rc_conv3x3_wgrad(grad, x, scale, shift, dw)
+    _C.rc_conv3x3_wgrad(grad, x, scale, shift, dw, direct)
     return dw
 
 
