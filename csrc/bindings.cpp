@@ -10,6 +10,7 @@
 #include "attention_gate.h"
 #include "hybrid_loss.h"
 #include "recurrent_conv.h"
+#include "recurrent_conv_chunks.h"
 
 namespace {
 
@@ -88,6 +89,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "and input; with scale and shift the input is relu(input * scale + shift).",
         py::arg("grad"), py::arg("input"), py::arg("scale"), py::arg("shift"), py::arg("dw"), py::arg("direct"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("rc_conv3x3_wgrad_direct_supported", &r2unet_fast::rc_conv3x3_wgrad_direct_supported,
-        "Whether rc_conv3x3_wgrad(direct=True) runs the direct AVX2 + FMA kernel for float32 on this CPU.");
+  m.def("avx2_kernels", &r2unet_fast::rc_detail::use_avx2_kernels,
+        "Whether the recurrent conv kernels run their AVX2 + FMA versions (the CPU has them, and "
+        "set_baseline_kernels(True) is not in force).");
+  m.def("set_baseline_kernels", [](bool on) { r2unet_fast::rc_detail::baseline_forced() = on; },
+        "Run the baseline versions even on an AVX2 CPU (for tests).", py::arg("on"));
 }

@@ -145,6 +145,4 @@ void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std
   });
 }
 
-bool rc_conv3x3_wgrad_direct_supported() { return wgrad_direct::supported(); }
-
 }  // namespace r2unet_fast

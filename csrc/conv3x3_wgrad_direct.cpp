@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "recurrent_conv_chunks.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define R2UNET_FAST_X86 1
@@ -27,10 +29,7 @@ namespace wgrad_direct {
 
 #ifdef R2UNET_FAST_X86
 
-bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
+bool supported() { return rc_detail::use_avx2_kernels(); }
 
 namespace {
 

@@ -15,7 +15,8 @@ struct WgradShape {
 
 namespace wgrad_direct {
 
-// Whether this CPU runs the kernel (AVX2 and FMA on x86-64; false elsewhere).
+// Whether the kernel runs here: AVX2 and FMA on x86-64 (false elsewhere), and no test forcing the
+// baseline kernels.
 bool supported();
 
 // dw (C_out, 3, 3, C_in: a channels_last (C_out, C_in, 3, 3) tensor's memory) from g and x, with

@@ -39,7 +39,5 @@ void rc_bn_relu_bwd(const at::Tensor& s, const at::Tensor& dh, const at::Tensor&
 void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct);
 
-// Whether rc_conv3x3_wgrad(..., direct=true) runs the direct AVX2 kernel for float32 on this CPU.
-bool rc_conv3x3_wgrad_direct_supported();
 
 }  // namespace r2unet_fast

@@ -6,6 +6,8 @@ applied on load, NaN), the same bits for any thread count, their errors, and the
 units on them matching the reference over training steps."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from backend_cases import cases
@@ -27,7 +29,7 @@ def _cpu():
 
 
 def _direct_reason() -> str | None:
-    return None if _REASON is None and _cpu().conv3x3_wgrad_direct() else "this CPU has no AVX2 + FMA"
+    return None if _REASON is None and _cpu().avx2_kernels() else "this CPU has no AVX2 + FMA"
 
 
 # float32 weight gradients run on the direct kernel when True, on the im2col GEMM when False
@@ -142,14 +144,15 @@ def test_bad_inputs_raise_errors_naming_the_problem(case, message):
 
 
 # float64 runs the im2col GEMM, float32 the direct kernel where the CPU has it
-UNIT_DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32",
-                                                                       marks=KERNELS[0].marks)]
+UNIT_CASES = [pytest.param(torch.float64, False, id="float64"),
+              pytest.param(torch.float32, False, id="float32", marks=KERNELS[0].marks),
+              pytest.param(torch.float32, True, id="float32-baseline")]
 
 
 @pytest.mark.parametrize("backend", CPU_ONLY)
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("dtype", UNIT_DTYPES)
-def test_recurrent_block_on_the_kernel_matches_the_reference(backend, tied, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, baseline", UNIT_CASES)
+def test_recurrent_block_on_the_kernel_matches_the_reference(backend, tied, dtype, baseline, monkeypatch):
     # the model's channel counts are at least 32 where the im2col kernel runs; these small tests lower that
     cpu = _cpu()
     monkeypatch.setattr(cpu, "CONV3X3_WGRAD_MIN_CHANNELS", 1)
@@ -158,7 +161,9 @@ def test_recurrent_block_on_the_kernel_matches_the_reference(backend, tied, dtyp
     ref, fast = pair(RRCUBlock(5, 6, 2, tied=tied), backend, dtype)
     x = randn_input(3, 5, 7, 9, device=backend.device, dtype=dtype, channels_last=True)
     tol = 1e-9 if dtype == torch.float64 else 1e-4
-    assert_all_close(train_steps(fast, x, steps=2), train_steps(ref, x, steps=2), tol)
+    with cpu.baseline_kernels() if baseline else contextlib.nullcontext():
+        got = train_steps(fast, x, steps=2)
+    assert_all_close(got, train_steps(ref, x, steps=2), tol)
     # per unit and step: conv_r's two weight gradients with BN + ReLU on load, conv_f's without
     assert calls.count(True) == 2 * 2 * 2 and calls.count(False) == 2 * 2
 
@@ -170,3 +175,13 @@ def test_conv_unit_on_the_kernel_matches_the_eager_layers(backend, monkeypatch):
     x = randn_input(2, 5, 7, 9, device=backend.device, channels_last=True)
     assert_all_close(train_steps(fast, x, steps=2), train_steps(ref, x, steps=2), 1e-9)
 
+
+
+def test_baseline_kernels_turn_the_avx2_versions_off_and_back_on():
+    cpu = _cpu()
+    had = cpu.avx2_kernels()
+    grad = randn_input(1, 16, 4, 4, dtype=torch.float32, channels_last=True)
+    with cpu.baseline_kernels():
+        # as on a CPU without AVX2: no direct kernel, so 16 channels are below the GEMM's floor
+        assert not cpu.avx2_kernels() and not cpu.conv3x3_wgrad_applies(grad, grad)
+    assert cpu.avx2_kernels() == had and cpu.conv3x3_wgrad_applies(grad, grad) == had

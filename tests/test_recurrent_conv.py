@@ -30,13 +30,26 @@ _CPP_REASON = ops.available_backends("recurrent_conv", "cpu")["cpu"]
 requires_cpp = pytest.mark.skipif(_CPP_REASON is not None, reason=f"cpu backend: {_CPP_REASON}")
 
 
+@pytest.fixture(params=["avx2", "baseline"])
+def cpu(request):
+    """The C++ launchers, their kernels in the version under test: AVX2 + FMA (where the CPU has
+    it) or the baseline that CPUs without it run."""
+    from r2unet_fast.ops import cpu as launchers
+
+    if request.param == "baseline":
+        with launchers.baseline_kernels():
+            yield launchers
+        return
+    if not launchers.avx2_kernels():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    yield launchers
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "feed_residual_dfeed"])
 @requires_cpp
-def test_cpu_passes_match_their_statements(channels_last, dtype, with_extras):
-    from r2unet_fast.ops import cpu
-
+def test_cpu_passes_match_their_statements(channels_last, dtype, with_extras, cpu):
     out = randn_input(2, 6, 7, 9, dtype=torch.float64, channels_last=channels_last) * 3 + 2
     feed = randn_input(2, 6, 7, 9, channels_last=channels_last)
     out, feed = out.to(dtype), feed.to(dtype)
@@ -68,9 +81,7 @@ def test_cpu_passes_match_their_statements(channels_last, dtype, with_extras):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("row, step", [(0, 0), (1, 2)], ids=["first", "later_row_and_step"])
 @requires_cpp
-def test_cpu_step_stats_match_add_stats_and_the_affine(dtype, row, step):
-    from r2unet_fast.ops import cpu
-
+def test_cpu_step_stats_match_add_stats_and_the_affine(dtype, row, step, cpu):
     out = (randn_input(2, 6, 7, 9, channels_last=True) * 3 + 2).to(dtype)
     feed = randn_input(2, 6, 7, 9, channels_last=True).to(dtype)
     gamma, beta = torch.randn(3, 6, dtype=dtype), torch.randn(3, 6, dtype=dtype)
@@ -89,11 +100,9 @@ def test_cpu_step_stats_match_add_stats_and_the_affine(dtype, row, step):
 
 @requires_cpp
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cpu_relu_backward_stops_at_an_exactly_zero_pre_activation(layout):
+def test_cpu_relu_backward_stops_at_an_exactly_zero_pre_activation(layout, cpu):
     # torch.relu's backward (threshold_backward) passes no gradient where its input is exactly 0;
     # random data never hits 0, so a third of s is zero here, with shift 0.
-    from r2unet_fast.ops import cpu
-
     gen = torch.Generator().manual_seed(3)
     s = torch.randn(2, 5, 7, 9, generator=gen)
     s[torch.rand(s.shape, generator=gen) < 0.33] = 0.0
@@ -109,9 +118,7 @@ def test_cpu_relu_backward_stops_at_an_exactly_zero_pre_activation(layout):
 
 
 @requires_cpp
-def test_cpu_statistics_do_not_cancel_at_a_large_mean():
-    from r2unet_fast.ops import cpu
-
+def test_cpu_statistics_do_not_cancel_at_a_large_mean(cpu):
     s = (torch.randn(4, 3, 33, 35, dtype=torch.float64) + 1e4).float()  # std 1 around 1e4
     mean, var = cpu.rc_add_stats(s.clone(), None)
     want_mean, want_var = oracle.rc_add_stats(s.clone(), None)

@@ -8,6 +8,9 @@ dispatch checks that first.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from .extension import load_extension
@@ -204,20 +207,30 @@ def rc_bn_relu_bwd(s: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, shift
 CONV3X3_WGRAD_MIN_CHANNELS = 32
 
 
-def conv3x3_wgrad_direct() -> bool:
-    """Whether float32 weight gradients take the direct AVX2 + FMA kernel on this CPU (else the
-    im2col GEMM, as float64 always does)."""
-    return bool(_C.rc_conv3x3_wgrad_direct_supported())
+def avx2_kernels() -> bool:
+    """Whether the recurrent conv's C++ kernels run their AVX2 + FMA versions here: the step's
+    passes, and the direct float32 weight gradient (else the im2col GEMM, as float64 always does)."""
+    return bool(_C.avx2_kernels())
+
+
+@contextlib.contextmanager
+def baseline_kernels() -> Iterator[None]:
+    """Within: the baseline kernels, as on a CPU without AVX2 (tests run both versions)."""
+    _C.set_baseline_kernels(True)
+    try:
+        yield
+    finally:
+        _C.set_baseline_kernels(False)
 
 
 def conv3x3_wgrad_applies(grad: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :func:`conv3x3_wgrad` runs these tensors: float32/float64, both channels_last
-    (N, C, H, W), and either float32 on the direct kernel (:func:`conv3x3_wgrad_direct`) or at
+    (N, C, H, W), and either float32 on the direct kernel (:func:`avx2_kernels`) or at
     least :data:`CONV3X3_WGRAD_MIN_CHANNELS` channels in and out."""
     return (grad.dtype in (torch.float32, torch.float64) and x.dtype == grad.dtype and grad.dim() == 4
             and x.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last)
             and x.is_contiguous(memory_format=torch.channels_last)
-            and ((grad.dtype == torch.float32 and conv3x3_wgrad_direct())
+            and ((grad.dtype == torch.float32 and avx2_kernels())
                  or min(grad.shape[1], x.shape[1]) >= CONV3X3_WGRAD_MIN_CHANNELS))
 
 
