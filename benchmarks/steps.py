@@ -117,7 +117,10 @@ class TrainStep:
                  dtype: torch.dtype) -> None:
         self.model, self.loss_fn, self.x, self.y, self.dtype = model, loss_fn, x, y, dtype
         module.train()
-        self.optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
+        # fused where supported, as the trainer's (r2unet_fast.train.optim.fused_step_supported; not
+        # imported: r2unet_fast.train pulls in the image libraries, which a GPU image may lack)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in module.parameters())
+        self.optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, fused=fused or None)
 
     def loss(self) -> torch.Tensor:
         """Forward and loss of the batch (no backward)."""

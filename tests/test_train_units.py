@@ -1,6 +1,8 @@
-"""Trainer building blocks: --pos-weight auto, LR schedule, atomic writes, RNG capture, sharding."""
+"""Trainer building blocks: --pos-weight auto, LR schedule, the fused optimizer, atomic writes, RNG
+capture, sharding."""
 from __future__ import annotations
 
+import copy
 import random
 import sys
 import time
@@ -20,7 +22,7 @@ from r2unet_fast.train.config import TrainConfig
 from r2unet_fast.train.distributed import DistContext, ShardSampler, launched_by_torchrun
 from r2unet_fast.train.census import positive_weight
 from r2unet_fast.train.loaders import build_splits
-from r2unet_fast.train.optim import warmup_cosine
+from r2unet_fast.train.optim import build_optimizer, parameter_groups, warmup_cosine
 from r2unet_fast.train.trainer import Trainer
 
 
@@ -59,6 +61,25 @@ def test_warmup_then_cosine() -> None:
     assert factors[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
     assert factors[20] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_optimizer_is_fused_and_steps_like_the_per_parameter_one(kind: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    twin = copy.deepcopy(model)
+    config = TrainConfig(optimizer=kind, lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, config)
+    assert all(group["fused"] for group in fused.param_groups)
+    per_param = type(fused)(parameter_groups(twin, config.weight_decay), lr=config.lr, foreach=False)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        per_param.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path: Path) -> None:
