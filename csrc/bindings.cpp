@@ -78,6 +78,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "h = relu((s + feed) * scale + shift) + residual (feed, residual: None for none).", py::arg("s"),
         py::arg("feed"), py::arg("scale"), py::arg("shift"), py::arg("residual"), py::arg("h"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("rc_update_running_stats", &r2unet_fast::rc_update_running_stats,
+        "nn.BatchNorm2d's running-statistics update from each step's mean and biased variance (stats rows 0 and 1), "
+        "step after step.",
+        py::arg("stats"), py::arg("running_means"), py::arg("running_vars"), py::arg("num_batches_tracked"),
+        py::arg("momentum"), py::arg("count"), py::call_guard<py::gil_scoped_release>());
   m.def("rc_bn_relu_bwd", &r2unet_fast::rc_bn_relu_bwd,
         "Backward of h = relu(s * scale + shift) with batch statistics: sum_dy, sum_dy_xhat (C,), ds (None: not "
         "written), dfeed += ds (None: nothing added).",

@@ -78,6 +78,57 @@ void rc_add_stats_affine(at::Tensor out, const std::optional<at::Tensor>& feed, 
   });
 }
 
+void rc_update_running_stats(const at::Tensor& stats, const std::vector<at::Tensor>& running_means,
+                             const std::vector<at::Tensor>& running_vars,
+                             const std::optional<std::vector<at::Tensor>>& num_batches_tracked,
+                             std::optional<double> momentum, int64_t count) {
+  const int64_t norms = static_cast<int64_t>(running_means.size());
+  TORCH_CHECK(stats.dim() == 3 && stats.size(0) >= 2 && stats.is_contiguous() && stats.device().is_cpu(),
+              "recurrent_conv (cpu): stats must be a contiguous CPU (5, steps, C) tensor, got ", stats.sizes());
+  const int64_t steps = stats.size(1), c = stats.size(2);
+  TORCH_CHECK(norms >= 1 && static_cast<int64_t>(running_vars.size()) == norms &&
+                  (!num_batches_tracked.has_value() || static_cast<int64_t>(num_batches_tracked->size()) == norms),
+              "recurrent_conv (cpu): one running mean, variance (and count) per BatchNorm");
+  for (int64_t i = 0; i < norms; ++i) {
+    for (const at::Tensor* v : {&running_means[i], &running_vars[i]}) {
+      TORCH_CHECK(v->dim() == 1 && v->size(0) == c && v->is_contiguous() && v->device().is_cpu() &&
+                      v->scalar_type() == stats.scalar_type(),
+                  "recurrent_conv (cpu): running statistics must be contiguous CPU (", c, ",) tensors of the "
+                  "statistics' dtype ", stats.scalar_type(), ", got ", v->sizes(), " ", v->scalar_type());
+    }
+    if (num_batches_tracked.has_value()) {
+      const at::Tensor& n = (*num_batches_tracked)[i];
+      TORCH_CHECK(n.numel() == 1 && n.scalar_type() == at::kLong && n.device().is_cpu(),
+                  "recurrent_conv (cpu): num_batches_tracked must be one int64 CPU value per BatchNorm");
+    }
+  }
+  const double unbias = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "rc_update_running_stats", [&] {
+    const scalar_t* mean = stats.data_ptr<scalar_t>();
+    const scalar_t* var = mean + steps * c;
+    // step after step, as eager calls its BatchNorm t + 1 times (a shared one t + 1 times in order)
+    for (int64_t k = 0; k < steps; ++k) {
+      const int64_t i = std::min(k, norms - 1);
+      double factor = momentum.value_or(0.0);
+      if (num_batches_tracked.has_value()) {
+        int64_t& tracked = *(*num_batches_tracked)[i].data_ptr<int64_t>();
+        tracked += 1;
+        if (!momentum.has_value()) {
+          factor = 1.0 / static_cast<double>(tracked);
+        }
+      }
+      const auto keep = static_cast<scalar_t>(1.0 - factor), take = static_cast<scalar_t>(factor);
+      const auto take_var = static_cast<scalar_t>(factor * unbias);
+      scalar_t* rm = running_means[i].data_ptr<scalar_t>();
+      scalar_t* rv = running_vars[i].data_ptr<scalar_t>();
+      for (int64_t ch = 0; ch < c; ++ch) {
+        rm[ch] = rm[ch] * keep + mean[k * c + ch] * take;
+        rv[ch] = rv[ch] * keep + var[k * c + ch] * take_var;
+      }
+    }
+  });
+}
+
 void rc_bn_relu(const at::Tensor& s, const std::optional<at::Tensor>& feed, const at::Tensor& scale,
                 const at::Tensor& shift, const std::optional<at::Tensor>& residual, at::Tensor h) {
   check_dtype(s);

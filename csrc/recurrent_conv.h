@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace r2unet_fast {
 
@@ -19,6 +20,15 @@ void rc_add_stats(at::Tensor out, const std::optional<at::Tensor>& feed, at::Ten
 // and rstd = 1 / sqrt(var + eps) in its rows [., step, .]. One call instead of a dozen tiny ops.
 void rc_add_stats_affine(at::Tensor out, const std::optional<at::Tensor>& feed, const at::Tensor& gamma,
                          const at::Tensor& beta, int64_t row, double eps, at::Tensor stats, int64_t step);
+
+// What nn.BatchNorm2d does with each step's batch statistics, step after step, from stats' mean and
+// biased-variance rows (5, steps, C): running = (1 - f) running + f value, with the unbiased
+// variance of `count` values, f = momentum or (no momentum) 1 / num_batches_tracked after its
+// increment; step k updates BatchNorm min(k, norms - 1). One call instead of a dozen tiny ops.
+void rc_update_running_stats(const at::Tensor& stats, const std::vector<at::Tensor>& running_means,
+                             const std::vector<at::Tensor>& running_vars,
+                             const std::optional<std::vector<at::Tensor>>& num_batches_tracked,
+                             std::optional<double> momentum, int64_t count);
 
 // h = relu((s + feed) * scale + shift) + residual; feed and residual optional.
 void rc_bn_relu(const at::Tensor& s, const std::optional<at::Tensor>& feed, const at::Tensor& scale,

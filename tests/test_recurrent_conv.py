@@ -384,3 +384,24 @@ def test_the_relu_backward_stops_the_gradient_at_exactly_zero(backend):
     want = oracle.rc_bn_relu_bwd(s.cpu(), dh.cpu(), scale.cpu(), shift.cpu(), mean.cpu(), rstd.cpu(), gamma.cpu(),
                                  None, True)
     assert_all_close([g.cpu() for g in got], list(want), 1e-12)
+
+
+@requires_cpp
+@pytest.mark.parametrize("case, message", [("dtype", "of the statistics' dtype"), ("count", "one running mean"),
+                                           ("tracked", "one int64 CPU value")])
+def test_cpu_running_stats_update_refuses_mismatched_buffers(case, message):
+    from r2unet_fast.ops import cpu as launchers
+
+    stats = torch.rand(5, 3, 4)
+    means, variances = [torch.zeros(4) for _ in range(3)], [torch.ones(4) for _ in range(3)]
+    tracked = [torch.tensor(0) for _ in range(3)]
+    if case == "dtype":
+        means[1] = means[1].double()
+    elif case == "count":
+        variances = variances[:2]
+    else:
+        tracked[2] = torch.tensor(0.0)
+    before = [m.clone() for m in means]
+    with pytest.raises(RuntimeError, match=message):
+        launchers.rc_update_running_stats(stats, means, variances, tracked, 0.1, 10)
+    assert all(torch.equal(a, b) for a, b in zip(means, before))  # checked before anything is written

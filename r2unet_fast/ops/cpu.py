@@ -265,3 +265,13 @@ def rc_add_stats_affine(out: torch.Tensor, feed: torch.Tensor | None, gamma: tor
         stats: (5, steps, C) contiguous in out's dtype, written at ``[:, step]``.
     """
     _C.rc_add_stats_affine(out, feed, gamma, beta, row, eps, stats, step)
+
+
+def rc_update_running_stats(stats: torch.Tensor, running_means: list[torch.Tensor], running_vars: list[torch.Tensor],
+                            num_batches_tracked: list[torch.Tensor] | None, momentum: float | None,
+                            count: int) -> None:
+    """nn.BatchNorm2d's running-statistics update, in place, from each step's batch mean and biased
+    variance (``stats`` (5, t + 1, C), rows 0 and 1), step after step: step k updates BatchNorm
+    ``min(k, norms - 1)``. The running tensors: (C,) each, contiguous, in stats' dtype;
+    ``num_batches_tracked``: one int64 scalar each, or None."""
+    _C.rc_update_running_stats(stats, running_means, running_vars, num_batches_tracked, momentum, count)
