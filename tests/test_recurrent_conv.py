@@ -127,7 +127,12 @@ def test_cpu_statistics_do_not_cancel_at_a_large_mean(cpu):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradcheck(backend):
+@pytest.mark.parametrize("registered_op", [False, True], ids=["eager_path", "registered_op"])
+def test_gradcheck(backend, registered_op, monkeypatch):
+    if registered_op:  # what torch.compile runs: the library op and its registered autograd formula
+        monkeypatch.setattr(lib, "_EAGER", {})
+    elif backend.name not in lib._EAGER_BACKENDS:
+        pytest.skip(f"the {backend.name} backend has no separate eager path")
     c = 3
     x = randn_input(2, 2, 3, 4, device=backend.device).requires_grad_()
     w_f = (torch.randn(c, 2, 3, 3, dtype=torch.float64) * 0.3).to(backend.device).requires_grad_()
@@ -252,6 +257,24 @@ def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x.detach().clone().requires_grad_())
     return sum(seen.values())
+
+
+@requires_cpp
+def test_eager_path_and_registered_op_give_the_same_bits(monkeypatch):
+    # eager mode skips torch.library's per-call machinery (lib._EAGER); both run one implementation
+    eager = RRCUBlock(5, 6, 2, backend="cpu").double()
+    registered = copy.deepcopy(eager)
+    x = randn_input(3, 5, 7, 9, channels_last=True)
+    got = train_steps(eager, x, steps=2)
+    eager.eval()
+    with torch.no_grad():
+        got.append(eager(x))
+    monkeypatch.setattr(lib, "_EAGER", {})
+    want = train_steps(registered, x, steps=2)
+    registered.eval()
+    with torch.no_grad():
+        want.append(registered(x))
+    assert_all_close(got, want, 0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

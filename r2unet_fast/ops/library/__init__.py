@@ -9,6 +9,7 @@ docs/kernels.md walks through the layers.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Callable
@@ -48,6 +49,15 @@ def define_with_autograd(name: str, backend: str, fwd: Callable, fake_fwd: Calla
     bwd_op = define(f"{name}_bwd", backend, bwd, fake_bwd)
     fwd_op.register_autograd(backward(bwd_op), setup_context=setup_context)
     return fwd_op
+
+
+def profiled(name: str) -> contextlib.AbstractContextManager:
+    """A profiler range named as the op ``r2unet_fast::<name>``, for an eager path that calls the op's
+    implementation without the dispatcher, so profiles (and the tests that read them) still show
+    the op; nothing while no profiler runs."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(f"{NAMESPACE}::{name}")
+    return contextlib.nullcontext()
 
 
 @torch.compiler.assume_constant_result

@@ -27,15 +27,23 @@ the channel count and has no recurrent weight.
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
 import torch
 
 from ..reference import compute_dtype
-from . import NAMESPACE, define, define_with_autograd, dense_layout, ready
+from . import NAMESPACE, define, define_with_autograd, dense_layout, profiled, ready
 from .recurrent_conv_steps import STATS, affine, eval_fwd, train_bwd, train_fwd
 
 _LAUNCHERS: dict[str, str] = {"triton": "r2unet_fast.ops.triton.recurrent_conv", "cpu": "r2unet_fast.ops.cpu"}
 _REGISTERED: set[str] = set()
+# Backends whose ops eager mode calls without torch.library's per-call machinery (argument
+# flattening, schema defaults, redispatch: about 0.4 ms a unit, forward and backward, on a 2-core
+# CPU), through _EAGER's autograd.Function and eval function, which run the same implementation and
+# backward formula. torch.compile traces the registered ops. The Triton backend keeps the ops: its
+# kernels are wrapped for torch.compile, and the GPU is where that path is verified.
+_EAGER_BACKENDS = ("cpu",)
+_EAGER: dict[str, tuple[type[torch.autograd.Function], Callable[..., torch.Tensor]]] = {}
 # the backward op's outputs: dx (empty when not needed), dw_f, db_f, dw_r (empty at t = 0), dgamma, dbeta
 _SIX_TENSORS = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -95,15 +103,18 @@ def register(backend: str) -> None:
         return (dx, torch.empty_like(w_f), w_f.new_empty(w_f.shape[0]), d_w_r, torch.empty_like(gamma),
                 torch.empty_like(gamma))
 
-    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    def save(ctx, inputs: tuple, states: list[torch.Tensor], stats: torch.Tensor) -> None:
         x, w_f, _, w_r, gamma, _, residual, _, _ = inputs
-        _, states, stats = output
         ctx.save_for_backward(x, w_f, w_r, gamma, stats, *states)
         ctx.has_residual = residual is not None
-        ctx.mark_non_differentiable(*states, stats)
         # else autograd hands backward a zero tensor per state and statistic: t + 1 activation-sized
         # fills per unit, which raised the backward's time and peak memory
         ctx.set_materialize_grads(False)
+
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        _, states, stats = output
+        save(ctx, inputs, states, stats)
+        ctx.mark_non_differentiable(*states, stats)
 
     def backward_through(bwd_op):
         def backward(ctx, grad: torch.Tensor | None, *_unused) -> tuple:
@@ -131,6 +142,22 @@ def register(backend: str) -> None:
     define_with_autograd(op_name(backend, "train"), backend, train, fake_train, bwd, fake_bwd,
                          backward_through, setup_context)
     define(op_name(backend, "eval"), backend, evaluate, fake_evaluate)
+    if backend in _EAGER_BACKENDS:
+        class EagerTrain(torch.autograd.Function):
+            """The train op's eager path: the same implementation and backward formula, called
+            directly. It returns h only: the states and statistics stay inside, the statistics
+            reach the caller through ``stats_out``."""
+
+            @staticmethod
+            def forward(ctx, x, w_f, b_f, w_r, gamma, beta, residual, t, eps, stats_out):
+                h, states, stats = train(x, w_f, b_f, w_r, gamma, beta, residual, t, eps)
+                save(ctx, (x, w_f, b_f, w_r, gamma, beta, residual, t, eps), states, stats)
+                stats_out.append(stats)
+                return h
+
+            backward = staticmethod(lambda ctx, grad: backward_through(bwd)(ctx, grad) + (None,))
+
+        _EAGER[backend] = (EagerTrain, evaluate)
     _REGISTERED.add(backend)
 
 
@@ -159,18 +186,22 @@ def recurrent_conv_fast(backend: str, x: torch.Tensor, w_f: torch.Tensor, b_f: t
         residual = residual.contiguous(memory_format=fmt).to(x.dtype)
     ops = getattr(torch.ops, NAMESPACE)
     w_r = None if w_r is None else w_r.to(x.dtype)
+    eager = None if torch.compiler.is_compiling() else _EAGER.get(backend)
     if training:
-        out, _, stats = getattr(ops, op_name(backend, "train"))(
-            x, w_f.to(x.dtype), b_f.to(x.dtype), w_r, torch.stack(gammas), torch.stack(betas), residual,
-            t, eps)
+        args = (x, w_f.to(x.dtype), b_f.to(x.dtype), w_r, torch.stack(gammas), torch.stack(betas), residual, t, eps)
+        if eager is not None:
+            stats_out: list[torch.Tensor] = []
+            with profiled(op_name(backend, "train")):
+                return eager[0].apply(*args, stats_out), stats_out[0]
+        out, _, stats = getattr(ops, op_name(backend, "train"))(*args)
         return out, stats
     dtype = compute_dtype(x)
     running_means, running_vars = zip(*running)
     scale, shift, _ = affine(torch.stack(gammas), torch.stack(betas), torch.stack(running_means).to(dtype),
                              torch.stack(running_vars).to(dtype), eps)
-    out = getattr(ops, op_name(backend, "eval"))(x, w_f.to(x.dtype), b_f.to(x.dtype), w_r, scale, shift,
-                                                 residual, t)
-    return out, None
+    evaluate = eager[1] if eager is not None else getattr(ops, op_name(backend, "eval"))
+    with profiled(op_name(backend, "eval")):
+        return evaluate(x, w_f.to(x.dtype), b_f.to(x.dtype), w_r, scale, shift, residual, t), None
 
 
 def _update_in_one_call(backend: str, stats: torch.Tensor, count: int, running_means: list[torch.Tensor],
