@@ -172,7 +172,7 @@ def render(paths: list[str], stat: str = "median") -> str:
     for path in sorted(paths):
         with open(path) as f:
             data = json.load(f)
-        if data.get("kind") == "gpu_train":
+        if data.get("kind") in ("gpu_train", "interleaved_step"):  # the README's own tables quote these
             continue
         if data.get("kind") == "gpu_report":
             blocks.append((0, _gpu_section(data, path)))
