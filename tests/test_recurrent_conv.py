@@ -7,6 +7,7 @@ without graph breaks, the backend report, and bad input.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -99,12 +100,36 @@ def test_rrcu_block_matches_the_reference_in_training_and_eval(backend, t, tied,
 def test_backward_by_image_groups_matches_the_reference(backend, channels_last, batch, monkeypatch):
     # large activations take the recurrent convolution's backward a group of images at a time
     # (uneven groups for 3 and 5 images; dh_{k-1} overwrites ds_k group by group)
+    # (the Triton backend's own convolution needs no groups: there, cuDNN's path has them)
     monkeypatch.setattr(steps, "RECOMPUTE_BYTES", 1)
     assert len(steps._image_groups(torch.empty(batch, 1, 1, 1))) == min(batch, steps.RECOMPUTE_GROUPS)
-    for tied in (False, True):
-        ref, fast = pair(RRCUBlock(4, 4, 2, tied=tied), backend)
-        x = randn_input(batch, 4, 5, 7, device=backend.device, channels_last=channels_last)
+    with _conv_impl(backend, "aten"):
+        for tied in (False, True):
+            ref, fast = pair(RRCUBlock(4, 4, 2, tied=tied), backend)
+            x = randn_input(batch, 4, 5, 7, device=backend.device, channels_last=channels_last)
+            assert_all_close(train_steps(fast, x, steps=2), train_steps(ref, x, steps=2), 1e-9)
+
+
+def _conv_impl(backend, impl: str):
+    """The Triton backend's 3x3 convolutions forced to ``impl`` ("triton" or "aten")."""
+    if backend.name != "triton":
+        return contextlib.nullcontext()
+    from r2unet_fast.ops.triton import conv3x3
+    return conv3x3.forced(impl)
+
+
+@pytest.mark.parametrize("backend", cases("recurrent_conv", ("triton",)))
+@pytest.mark.parametrize("impl", ["triton", "aten"], ids=["implicit_gemm", "cudnn_and_passes"])
+def test_triton_backend_matches_the_reference_on_either_convolution(backend, impl):
+    # the fused implicit-GEMM step (prologue, add + statistics epilogue, Triton gradients) and the
+    # unfused one, untied with a norm per step; training steps, then eval
+    with _conv_impl(backend, impl):
+        ref, fast = pair(RRCUBlock(5, 6, 2, tied=False, shared_norm=False), backend)
+        x = randn_input(2, 5, 7, 9, device=backend.device, channels_last=True)
         assert_all_close(train_steps(fast, x, steps=2), train_steps(ref, x, steps=2), 1e-9)
+        ref.eval(), fast.eval()
+        with torch.no_grad():
+            assert_all_close([fast(x)], [ref(x)], 1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

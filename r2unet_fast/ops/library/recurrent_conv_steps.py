@@ -47,20 +47,27 @@ def _image_groups(t: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _fused_wgrad(passes, grad: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the backend has a 3x3 weight-gradient kernel for these tensors (the C++ one, which
-    also applies the recomputed BatchNorm + ReLU as it loads its input)."""
-    applies = getattr(passes, "conv3x3_wgrad_applies", None)
-    return applies is not None and applies(grad, x)
+def _hook(passes, name: str, *args: torch.Tensor) -> bool:
+    """Whether the backend's fused kernel ``name`` (e.g. ``conv3x3_wgrad``: its ``<name>_applies``)
+    runs these tensors; False for a backend without one."""
+    applies = getattr(passes, f"{name}_applies", None)
+    return applies is not None and applies(*args)
+
+
+def _dgrad(passes, grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The 3x3 convolution's input gradient (x gives the input's shape): the backend's kernel or ATen's."""
+    if _hook(passes, "conv3x3_dgrad", grad, w):
+        return passes.conv3x3_dgrad(grad, w)
+    return _conv_bwd(grad, x, w, weight=False)
 
 
 def _recurrent_conv_bwd(passes, ds: torch.Tensor, s_prev: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                         w_r: torch.Tensor, overwrite: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """conv_r's backward at step k: (dh_{k-1}, dw_r) from ds_k, with ``h_{k-1} = relu(s_prev * scale +
-    shift)`` recomputed. ``overwrite``: ds may be replaced by dh_{k-1} in place.
-    ds, s_prev: (N, C, H, W) in one layout; scale, shift (C,)."""
+    shift)`` recomputed (on load, where the backend's ``conv3x3_wgrad`` runs). ``overwrite``: ds may
+    be replaced by dh_{k-1} in place. ds, s_prev: (N, C, H, W) in one layout; scale, shift (C,)."""
     groups = _image_groups(s_prev)
-    if _fused_wgrad(passes, ds, s_prev):
+    if _hook(passes, "conv3x3_wgrad", ds, s_prev):
         dw = passes.conv3x3_wgrad(ds, s_prev, scale, shift)
     else:
         dw = None
@@ -69,8 +76,8 @@ def _recurrent_conv_bwd(passes, ds: torch.Tensor, s_prev: torch.Tensor, scale: t
             part = _conv_bwd(ds[lo:hi], h, w_r, weight=True)
             del h  # before the next group's h exists
             dw = part if dw is None else dw + part
-    if len(groups) == 1 or not overwrite:
-        return _conv_bwd(ds, s_prev, w_r, weight=False), dw  # s_prev gives the input's shape only
+    if len(groups) == 1 or not overwrite or _hook(passes, "conv3x3_dgrad", ds, w_r):
+        return _dgrad(passes, ds, s_prev, w_r), dw  # s_prev gives the input's shape only
     for lo, hi in groups:
         ds[lo:hi].copy_(_conv_bwd(ds[lo:hi], s_prev[lo:hi], w_r, weight=False))
     return ds, dw
@@ -79,10 +86,14 @@ def _recurrent_conv_bwd(passes, ds: torch.Tensor, s_prev: torch.Tensor, scale: t
 def _feed_conv_bwd(passes, d_feed: torch.Tensor, x: torch.Tensor, w_f: torch.Tensor,
                    need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """conv_f's backward from dF: (dx or None, dw_f, db_f)."""
-    if not _fused_wgrad(passes, d_feed, x):
+    if not _hook(passes, "conv3x3_wgrad", d_feed, x):
+        if need_x and _hook(passes, "conv3x3_dgrad", d_feed, w_f):
+            return (passes.conv3x3_dgrad(d_feed, w_f),
+                    *torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, [False, True, True])[1:])
         return torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1], False,
                                                    [0, 0], 1, [need_x, True, True])
-    dx = _conv_bwd(d_feed, x, w_f, weight=False) if need_x else None
+    dx = _dgrad(passes, d_feed, x, w_f) if need_x else None
     return dx, passes.conv3x3_wgrad(d_feed, x, None, None), d_feed.sum((0, 2, 3))
 
 
@@ -99,6 +110,13 @@ def affine(gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: tor
     return scale, beta.to(mean.dtype) - mean * scale, rstd
 
 
+def _set_stats(stats: torch.Tensor, k: int, mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor,
+               beta: torch.Tensor, row: int, eps: float) -> None:
+    """stats[:, k] from step k's batch mean and biased variance and BatchNorm row ``row``."""
+    scale, shift, rstd = affine(gamma[row], beta[row], mean, var, eps)
+    stats[:, k] = torch.stack([mean, var, scale, shift, rstd])
+
+
 def _step_stats(passes, out: torch.Tensor, feed: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
                 row: int, eps: float, stats: torch.Tensor, k: int) -> None:
     """``out += feed`` in place, then stats[:, k] from out's batch statistics and BatchNorm row ``row``
@@ -108,30 +126,39 @@ def _step_stats(passes, out: torch.Tensor, feed: torch.Tensor | None, gamma: tor
         fused(out, feed, gamma, beta, row, eps, stats, k)
         return
     mean, var = passes.rc_add_stats(out, feed)
-    scale, shift, rstd = affine(gamma[row], beta[row], mean, var, eps)
-    stats[:, k] = torch.stack([mean, var, scale, shift, rstd])
+    _set_stats(stats, k, mean, var, gamma, beta, row, eps)
 
 
 def train_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
               gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None, t: int,
               eps: float) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """The unit in training mode: (h_t (+ residual), [s_0 .. s_t], stats (5, t + 1, C))."""
+    """The unit in training mode: (h_t (+ residual), [s_0 .. s_t], stats (5, t + 1, C)).
+
+    Where the backend's fused convolution runs (``rc_conv``), a step is one launch: conv_r loads
+    ``h_{k-1}`` as ``relu(s_{k-1} * scale + shift)``, adds F and takes the batch statistics as it
+    stores ``s_k``, so no h is stored; else ATen's convolution between the two fused passes."""
     dtype = compute_dtype(x)
     gamma, beta = gamma.to(dtype).contiguous(), beta.to(dtype).contiguous()
     stats = torch.empty((len(STATS), t + 1, gamma.shape[1]), dtype=dtype, device=x.device)
-    feed = _conv(x, w_f, b_f)
+    if _hook(passes, "rc_conv", x, w_f, b_f, None, None, None):
+        feed, mean, var = passes.rc_conv(x, w_f, b_f, None, None, None)
+        _set_stats(stats, 0, mean, var, gamma, beta, 0, eps)
+    else:
+        feed = _conv(x, w_f, b_f)
+        _step_stats(passes, feed, None, gamma, beta, 0, eps, stats, 0)
     states = [feed]
-    h = feed
-    for k in range(t + 1):
+    # one choice for conv_r per unit: its steps share every shape
+    fused = t > 0 and _hook(passes, "rc_conv", feed, w_r, None, stats[2, 0], stats[3, 0], feed)
+    for k in range(1, t + 1):
         row = step_norm(k, gamma.shape[0])
-        if k > 0:
-            s = _conv(h, w_r, None)
-            _step_stats(passes, s, feed, gamma, beta, row, eps, stats, k)  # s := F + conv_r(h), in place
-            states.append(s)
+        if fused:
+            s, mean, var = passes.rc_conv(states[k - 1], w_r, None, stats[2, k - 1], stats[3, k - 1], feed)
+            _set_stats(stats, k, mean, var, gamma, beta, row, eps)
         else:
-            _step_stats(passes, feed, None, gamma, beta, row, eps, stats, k)
-        h = passes.rc_bn_relu(states[k], None, stats[2, k], stats[3, k], residual if k == t else None)
-    return h, states, stats
+            s = _conv(passes.rc_bn_relu(states[k - 1], None, stats[2, k - 1], stats[3, k - 1], None), w_r, None)
+            _step_stats(passes, s, feed, gamma, beta, row, eps, stats, k)  # s := F + conv_r(h), in place
+        states.append(s)
+    return passes.rc_bn_relu(states[t], None, stats[2, t], stats[3, t], residual), states, stats
 
 
 def train_bwd(passes, x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor | None, gamma: torch.Tensor,
@@ -174,12 +201,21 @@ def train_bwd(passes, x: torch.Tensor, w_f: torch.Tensor, w_r: torch.Tensor | No
 
 def eval_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
              scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None, t: int) -> torch.Tensor:
-    """The unit in eval mode, its BatchNorms given as scale and shift (norms, C)."""
-    feed = _conv(x, w_f, b_f)
+    """The unit in eval mode, its BatchNorms given as scale and shift (norms, C); the fused
+    convolution (``rc_conv``, no statistics) where it runs, as in :func:`train_fwd`."""
+    if _hook(passes, "rc_conv", x, w_f, b_f, None, None, None):
+        feed = passes.rc_conv(x, w_f, b_f, None, None, None, stats=False)[0]
+    else:
+        feed = _conv(x, w_f, b_f)
+    if t > 0 and _hook(passes, "rc_conv", feed, w_r, None, scale[0], shift[0], feed):
+        s = feed
+        for k in range(1, t + 1):
+            prev = step_norm(k - 1, scale.shape[0])
+            s = passes.rc_conv(s, w_r, None, scale[prev], shift[prev], feed, stats=False)[0]
+        row = step_norm(t, scale.shape[0])
+        return passes.rc_bn_relu(s, None, scale[row], shift[row], residual)
     h = passes.rc_bn_relu(feed, None, scale[0], shift[0], residual if t == 0 else None)
     for k in range(1, t + 1):
         row = step_norm(k, scale.shape[0])
         h = passes.rc_bn_relu(_conv(h, w_r, None), feed, scale[row], shift[row], residual if k == t else None)
     return h
-
-

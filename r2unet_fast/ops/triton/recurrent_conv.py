@@ -8,12 +8,15 @@ their inputs (metadata only) and raise ValueError naming the offending argument.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 import triton
 
 from .._checks import check_ndim, check_same_device, check_shape
 from ..reference import compute_dtype
-from . import tuning
+from . import conv3x3, tuning
 from .attention_gate import _strides
 from .hybrid_loss import MAX_GRID_1, PROGRAMS_PER_SM, _configs, _device_guard, _sm_count
 from .recurrent_conv_kernels import (_add_stats_kernel, _bn_relu_kernel, _bwd_apply_kernel, _bwd_reduce_kernel,
@@ -239,3 +242,67 @@ def tuned_configs() -> dict[str, list[dict[str, object]]]:
     """What autotuning chose so far per kernel (``numel_per_image`` is the bucket of C*H*W), in
     the form :data:`TUNED_TILES` takes; see :func:`.hybrid_loss.tuned_configs`."""
     return {t.name: t.winners() for t in (_add_stats_tuners, _bn_relu_tuners, _bwd_reduce_tuners, _bwd_apply_tuners)}
+
+
+def _aten_conv_stats(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                     shift: torch.Tensor | None, feed: torch.Tensor | None) -> torch.Tensor:
+    # what the unfused step does for one convolution: the activation pass, cuDNN, the add + statistics pass
+    a = x if scale is None else rc_bn_relu(x, None, scale, shift, None)
+    out = F.conv2d(a, w, bias, padding=1)
+    rc_add_stats(out, feed)
+    return out
+
+
+def rc_conv_applies(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                    shift: torch.Tensor | None, feed: torch.Tensor | None) -> bool:
+    """Whether the step's convolution of x (with these prologue and epilogue inputs, as
+    :func:`rc_conv` takes them) runs on the fused implicit-GEMM kernel rather than cuDNN plus the
+    separate passes (:func:`.conv3x3.choose`, kind "fwd")."""
+    def candidates() -> dict[str, Callable[[], object]]:
+        return {"triton": lambda: conv3x3.conv3x3(x, w, bias, scale, shift, feed, stats=True),
+                "aten": lambda: _aten_conv_stats(x, w, bias, scale, shift, feed)}
+    return conv3x3.choose("fwd", x, x.shape[1], w.shape[0], candidates) == "triton"
+
+
+def rc_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+            shift: torch.Tensor | None, feed: torch.Tensor | None,
+            stats: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One step's ``s = conv3x3(relu(x * scale + shift)) + bias + feed`` and its batch statistics in
+    one launch (and the merge): :func:`.conv3x3.conv3x3`."""
+    return conv3x3.conv3x3(x, w, bias, scale, shift, feed, stats=stats)
+
+
+def conv3x3_wgrad_applies(grad: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`conv3x3_wgrad` (Triton, prologue recomputed on load) runs these tensors rather
+    than a BatchNorm + ReLU pass and cuDNN's weight gradient (kind "wgrad")."""
+    def candidates() -> dict[str, Callable[[], object]]:
+        ones = torch.ones(x.shape[1], dtype=compute_dtype(x), device=x.device)
+        zeros = torch.zeros_like(ones)
+        w = x.new_empty(grad.shape[1], x.shape[1], 3, 3)
+
+        def aten() -> torch.Tensor:
+            h = rc_bn_relu(x, None, ones, zeros, None)
+            return torch.ops.aten.convolution_backward(grad, h, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                       [False, True, False])[1]
+        return {"triton": lambda: conv3x3.conv3x3_wgrad(grad, x, ones, zeros), "aten": aten}
+    return conv3x3.choose("wgrad", x, x.shape[1], grad.shape[1], candidates) == "triton"
+
+
+conv3x3_wgrad = conv3x3.conv3x3_wgrad
+
+
+def conv3x3_dgrad_applies(grad: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`conv3x3_dgrad` (Triton) runs the input gradient rather than cuDNN (kind "dgrad")."""
+    def candidates() -> dict[str, Callable[[], object]]:
+        n, _, h, ww = grad.shape
+        like = torch.empty((n, w.shape[1], h, ww), dtype=grad.dtype, device=grad.device,
+                           memory_format=conv3x3._fmt(grad))
+
+        def aten() -> torch.Tensor:
+            return torch.ops.aten.convolution_backward(grad, like, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                       [True, False, False])[0]
+        return {"triton": lambda: conv3x3.conv3x3_dgrad(grad, w), "aten": aten}
+    return conv3x3.choose("dgrad", grad, w.shape[1], w.shape[0], candidates) == "triton"
+
+
+conv3x3_dgrad = conv3x3.conv3x3_dgrad
