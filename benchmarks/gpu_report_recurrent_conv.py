@@ -13,6 +13,11 @@ import torch
 from benchmarks.steps import PASSES, module_step, saved_for_backward_bytes
 from benchmarks.test_recurrent_conv import GPU_LEVELS, block_and_input
 from r2unet_fast.nn.blocks import RRCUBlock
+from r2unet_fast.ops.triton import conv3x3
+
+CONVS = ("triton", "aten")
+# "fast": each convolution on what first use measured faster; "fast_<conv>": all forced to one
+IMPLS = ("eager", "fast", "fast_triton", "fast_aten", "compile")
 
 
 def _switch(model: torch.nn.Module, backend: str) -> torch.nn.Module:
@@ -45,21 +50,22 @@ def check(ctx) -> tuple[int, list[str]]:
         exact = _grads(_switch(copy.deepcopy(base), "reference").to(ctx.device).double(), x.double(), torch.float32)
         for dtype in (torch.float32,) if ctx.smoke else (torch.float32, torch.bfloat16):
             ref = _grads(_switch(copy.deepcopy(base), "reference").to(ctx.device), x, dtype)
-            try:
-                fast = _grads(_switch(copy.deepcopy(base), "triton").to(ctx.device), x, dtype)
-            except Exception as e:  # a kernel that does not compile is one failure, not the end of the call
-                failures.append(f"recurrent_conv t={t} tied={tied} shared={shared} {dtype}: {type(e).__name__}: "
-                                f"{str(e)[:400]}")
-                continue
-            for i, (f, r, e) in enumerate(zip(fast, ref, exact)):
-                checks += 1
-                scale = max(e.abs().max().item(), 1.0)
-                # fp32: cuDNN's convolutions may use TF32 on both sides; bf16: the ratio rule
-                bound = 5e-3 * scale if dtype == torch.float32 else 2 * (r - e).abs().max().item() + 1e-2 * scale
-                err = (f - e).abs().max().item() if dtype != torch.float32 else (f - r).abs().max().item()
-                if not (err <= bound and torch.isfinite(f).all()):
-                    failures.append(f"recurrent_conv tensor #{i} t={t} tied={tied} shared={shared} {dtype}: "
-                                    f"err {err:.3g} > {bound:.3g}")
+            for conv in CONVS:  # the implicit-GEMM step and the cuDNN one, whatever first use would pick
+                where = f"t={t} tied={tied} shared={shared} {dtype} conv={conv}"
+                try:
+                    with conv3x3.forced(conv):
+                        fast = _grads(_switch(copy.deepcopy(base), "triton").to(ctx.device), x, dtype)
+                except Exception as e:  # a kernel that does not compile is one failure, not the end of the call
+                    failures.append(f"recurrent_conv {where}: {type(e).__name__}: {str(e)[:400]}")
+                    continue
+                for i, (f, r, e) in enumerate(zip(fast, ref, exact)):
+                    checks += 1
+                    scale = max(e.abs().max().item(), 1.0)
+                    # fp32: cuDNN's convolutions may use TF32 on the reference's side; bf16: the ratio rule
+                    bound = 5e-3 * scale if dtype == torch.float32 else 2 * (r - e).abs().max().item() + 1e-2 * scale
+                    err = (f - e).abs().max().item() if dtype != torch.float32 else (f - r).abs().max().item()
+                    if not (err <= bound and torch.isfinite(f).all()):
+                        failures.append(f"recurrent_conv tensor #{i} {where}: err {err:.3g} > {bound:.3g}")
     return checks, failures
 
 
@@ -92,14 +98,15 @@ def section_recurrent_conv(ctx) -> dict:
             for pass_ in PASSES[1:] if ctx.smoke else PASSES:
                 flops = block_flops(n, c, size) * (1 if pass_ == "fwd" else 3)
                 row = Timing("recurrent_conv", pass_, str(dtype).replace("torch.", ""), [n, c, size, size], 0)
-                for impl in ("eager", "fast", "compile"):
-                    backend = "triton" if impl == "fast" else "reference"  # the interpreter's in --cpu-smoke
+                for impl in IMPLS if not ctx.smoke else ("eager", "fast", "compile"):
+                    backend = "triton" if impl.startswith("fast") else "reference"  # the interpreter's in --cpu-smoke
+                    forced = impl.split("_")[1] if impl.startswith("fast_") else None
                     try:
                         block, x = block_and_input(n, c, size, ctx.device, dtype, backend)
                         model = torch.compile(block) if impl == "compile" else block
                         if impl == "compile" and ctx.smoke:
                             raise RuntimeError("skipped in --cpu-smoke")
-                        step = module_step(model, x, pass_)
+                        step = _forced_step(module_step(model, x, pass_), forced)
                         row.ms[impl] = ctx.bench_ms(step)
                         row.peak_mb[impl] = peak_added_mb(step, ctx.device)
                         row.launches[impl] = launches_per_call(step, ctx.device)
@@ -116,5 +123,18 @@ def section_recurrent_conv(ctx) -> dict:
                         row.ms[impl], row.notes[impl] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 timings.append(row)
                 ctx.emit(row)
+    # what first use measured, in the form conv3x3.CONV_CHOICES takes (committed from here)
+    choices = {repr(key): impl for key, impl in conv3x3.measured_choices().items()}
     return {"name": "recurrent_conv", "checks_passed": not failures, "check_failures": failures,
-            "timings": timings, "bf16_matmul_tflops": peak}
+            "timings": timings, "bf16_matmul_tflops": peak, "conv3x3_choices": choices}
+
+
+def _forced_step(step, conv: str | None):
+    """``step`` with every 3x3 convolution of the Triton backend on ``conv`` (None: as chosen)."""
+    if conv is None:
+        return step
+
+    def forced() -> object:
+        with conv3x3.forced(conv):
+            return step()
+    return forced
