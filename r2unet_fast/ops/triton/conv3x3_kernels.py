@@ -70,8 +70,8 @@ def _conv3x3_fwd_kernel(x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, feed_ptr, 
                         STATS: tl.constexpr, FLAT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     # w: (9 * Cin, Cout) contiguous, row tap * Cin + ci; part: (N * tiles, 3, Cout)
-    acc_dtype: tl.constexpr = part_ptr.dtype.element_ty
-    dot_dtype: tl.constexpr = x_ptr.dtype.element_ty
+    acc_dtype = part_ptr.dtype.element_ty
+    dot_dtype = x_ptr.dtype.element_ty
     row = tl.program_id(0)
     img = (row // tiles).to(tl.int64)
     tile = row % tiles
@@ -136,8 +136,8 @@ def _conv3x3_wgrad_kernel(dy_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr, H, W, C
                           BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PRECISION: tl.constexpr, WIDEN: tl.constexpr):
     # part: (S, 9 * Cin, Cout), row tap * Cin + ci; split s covers pixels [s * split_size, ...) of N*H*W
-    acc_dtype: tl.constexpr = part_ptr.dtype.element_ty
-    dot_dtype: tl.constexpr = x_ptr.dtype.element_ty
+    acc_dtype = part_ptr.dtype.element_ty
+    dot_dtype = x_ptr.dtype.element_ty
     if FLAT_K:  # rows k = tap * Cin + ci of the packed gradient
         ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = ks < 9 * Cin
