@@ -242,3 +242,27 @@ def test_half_outputs_are_rounded_once_to_nearest(backend, dtype):
     out, _, _ = _cv().conv3x3(x, wt, bias, scale, shift, feed)
     agree = (out == _truth(x, wt, bias, scale, shift, feed).to(dtype)).double().mean().item()
     assert agree > 0.97, agree
+
+
+def test_pick_takes_the_committed_then_the_remembered_then_the_faster(monkeypatch):
+    cv = _cv()
+    monkeypatch.setattr(cv, "_MEASURED", {})
+    committed = ("sm_90", "fwd", 64, 64, 1 << 20, "bfloat16")
+    monkeypatch.setitem(cv.CONV_CHOICES, committed, "triton")
+    never = lambda: pytest.fail("a committed or remembered shape is not measured")  # noqa: E731
+    assert cv.pick(committed, True, never) == "triton"
+    other = ("sm_90", "wgrad", 64, 64, 1 << 20, "bfloat16")
+    assert cv.pick(other, False, never) == "aten"  # tracing or capturing: the known path, nothing remembered
+    assert cv.measured_choices() == {}
+    ran = []
+    sides = {"triton": lambda: ran.append("triton"), "aten": lambda: ran.append("aten")}
+    fake_ms = {"triton": 2.0, "aten": 1.0}
+
+    def time_ms(fn):
+        fn()
+        return fake_ms[ran[-1]]
+    assert cv.pick(other, True, lambda: sides, time_ms) == "aten" and sorted(ran) == ["aten", "triton"]
+    assert cv.pick(other, True, never) == "aten" and cv.measured_choices() == {other: "aten"}
+    fake_ms.update(triton=0.5)
+    third = ("sm_90", "dgrad", 64, 64, 1 << 20, "bfloat16")
+    assert cv.pick(third, True, lambda: sides, time_ms) == "triton"

@@ -95,14 +95,25 @@ def choose(kind: str, x: torch.Tensor, c_in: int, c_out: int,
         return "aten"
     n, _, h, w = x.shape
     key = (tuning.arch(x.device), kind, c_in, c_out, tuning.bucket(n * h * w), tuning.dtype_name(x.dtype))
+    return pick(key, _measurable(x), candidates)
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def pick(key: ChoiceKey, measurable: bool, candidates: Callable[[], dict[str, Callable[[], object]]],
+         time_ms: Callable[[Callable[[], object]], float] = _median_ms) -> str:
+    """The committed choice for ``key``, else the one measured before, else (when ``measurable``)
+    the faster candidate by ``time_ms``, remembered; else "aten"."""
     impl = CONV_CHOICES.get(key) or _MEASURED.get(key)
     if impl is not None:
         return impl
-    if not _measurable(x):
+    if not measurable:
         return "aten"
-    from triton.testing import do_bench
-
-    times = {name: do_bench(fn, warmup=5, rep=20, return_mode="median") for name, fn in candidates().items()}
+    times = {name: time_ms(fn) for name, fn in candidates().items()}
     _MEASURED[key] = min(times, key=times.get)
     return _MEASURED[key]
 
