@@ -193,13 +193,15 @@ def test_same_bits_every_run(backend, tiles):
     ("w_dtype", "w must have the activations' dtype"), ("half_prologue", "scale and shift come together"),
     ("feed_shape", "feed"), ("strided", "NCHW-contiguous or channels_last"), ("int", "x must be"),
     ("empty", "no elements"), ("scale_dtype", "scale must be"), ("w_shape", "w"),
+    ("strided_shift", "shift must be contiguous"),
 ])
 def test_bad_inputs_raise_errors_naming_the_problem(backend, case, message):
     x, wt, bias, feed, _, scale, shift = _case(2, 5, 6, 7, 9, torch.float32, backend.device, False)
     args = {"w_dtype": (x, wt.double()), "half_prologue": (x, wt, None, scale, None),
             "feed_shape": (x, wt, None, None, None, feed[:, :, :5]), "strided": (x[:, :, :, ::2], wt),
             "int": (x.to(torch.int32), wt), "empty": (x[:0], wt), "scale_dtype": (x, wt, None, scale.double(), shift),
-            "w_shape": (x, wt[:, :, :2])}[case]
+            "w_shape": (x, wt[:, :, :2]),
+            "strided_shift": (x, wt, None, scale, torch.stack([shift, shift], 1)[:, 0])}[case]
     with pytest.raises(ValueError, match=message):
         _cv().conv3x3(*args)
 

@@ -39,11 +39,11 @@ ACTIVATION_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, tor
 # kernel tests shrink them to reach every remainder.
 CONV_TILES: dict[str, tuning.Tile] = {
     "default": {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
-    tuning.INTERPRETER_ARCH: {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4},
+    tuning.INTERPRETER_ARCH: {"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4},
 }
 WGRAD_TILES: dict[str, tuning.Tile] = {
     "default": {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-    tuning.INTERPRETER_ARCH: {"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4},
+    tuning.INTERPRETER_ARCH: {"BLOCK_P": 256, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4},
 }
 MIN_BLOCK: int = 16
 MERGE_BLOCK_C: int = 128
@@ -166,6 +166,8 @@ def _check_vectors(x: torch.Tensor, c: int, **vectors: torch.Tensor | None) -> N
         want = x.dtype if name == "bias" else acc
         if v.dtype != want:
             raise ValueError(f"{name} must be {want}, got {v.dtype}")
+        if not v.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got stride {v.stride()}")
 
 
 def _tile(x: torch.Tensor, tiles: dict[str, tuning.Tile]) -> tuning.Tile:
