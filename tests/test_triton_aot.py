@@ -32,4 +32,4 @@ def test_the_step_kernels_compile_for_sm90(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     compiled = [line for line in done.stdout.splitlines() if ": ok," in line]
-    assert len(compiled) == 14 and "every variant compiled" in done.stdout, done.stdout
+    assert len(compiled) == 4 and "every variant compiled" in done.stdout, done.stdout
