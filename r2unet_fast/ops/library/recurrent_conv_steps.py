@@ -76,8 +76,10 @@ def _recurrent_conv_bwd(passes, ds: torch.Tensor, s_prev: torch.Tensor, scale: t
             part = _conv_bwd(ds[lo:hi], h, w_r, weight=True)
             del h  # before the next group's h exists
             dw = part if dw is None else dw + part
-    if len(groups) == 1 or not overwrite or _hook(passes, "conv3x3_dgrad", ds, w_r):
-        return _dgrad(passes, ds, s_prev, w_r), dw  # s_prev gives the input's shape only
+    if _hook(passes, "conv3x3_dgrad", ds, w_r):
+        return passes.conv3x3_dgrad(ds, w_r), dw
+    if len(groups) == 1 or not overwrite:
+        return _conv_bwd(ds, s_prev, w_r, weight=False), dw  # s_prev gives the input's shape only
     for lo, hi in groups:
         ds[lo:hi].copy_(_conv_bwd(ds[lo:hi], s_prev[lo:hi], w_r, weight=False))
     return ds, dw
@@ -87,12 +89,10 @@ def _feed_conv_bwd(passes, d_feed: torch.Tensor, x: torch.Tensor, w_f: torch.Ten
                    need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """conv_f's backward from dF: (dx or None, dw_f, db_f)."""
     if not _hook(passes, "conv3x3_wgrad", d_feed, x):
-        if need_x and _hook(passes, "conv3x3_dgrad", d_feed, w_f):
-            return (passes.conv3x3_dgrad(d_feed, w_f),
-                    *torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1], False,
-                                                         [0, 0], 1, [False, True, True])[1:])
-        return torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1], False,
-                                                   [0, 0], 1, [need_x, True, True])
+        fused_dx = need_x and _hook(passes, "conv3x3_dgrad", d_feed, w_f)
+        dx, dw, db = torch.ops.aten.convolution_backward(d_feed, x, w_f, [w_f.shape[0]], [1, 1], [1, 1], [1, 1], False,
+                                                         [0, 0], 1, [need_x and not fused_dx, True, True])
+        return (passes.conv3x3_dgrad(d_feed, w_f) if fused_dx else dx), dw, db
     dx = _dgrad(passes, d_feed, x, w_f) if need_x else None
     return dx, passes.conv3x3_wgrad(d_feed, x, None, None), d_feed.sum((0, 2, 3))
 

@@ -24,6 +24,7 @@ import torch
 import triton
 
 from .._checks import check_ndim, check_same_device, check_shape
+from ..library import dense_layout
 from ..reference import compute_dtype
 from . import tuning
 from .attention_gate import _dot_flags
@@ -123,15 +124,6 @@ def measured_choices() -> dict[ChoiceKey, str]:
     return dict(_MEASURED)
 
 
-def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return tuple(t.stride())
-
-
-def _fmt(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if (not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)) \
-        else torch.contiguous_format
-
-
 def _check_act(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None,
                dtype: torch.dtype | None = None) -> None:
     if not isinstance(t, torch.Tensor):
@@ -194,7 +186,7 @@ def _launch_fwd(x: torch.Tensor, wp: torch.Tensor, c_out: int, bias: torch.Tenso
     meta = {"BLOCK_M": tile["BLOCK_M"], "BLOCK_N": _block(c_out, tile["BLOCK_N"]), **_k_blocks(c_in, tile),
             "num_warps": tile["num_warps"], **({"num_stages": tile["num_stages"]} if "num_stages" in tile else {})}
     tiles = triton.cdiv(h * w, meta["BLOCK_M"])
-    out = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+    out = torch.empty((n, c_out, h, w), dtype=x.dtype, device=x.device, memory_format=dense_layout(x))
     part = torch.empty((n * tiles if stats else 1, 3, c_out), dtype=acc, device=x.device)
     none = part  # absent inputs: a stand-in pointer, never read
     feed_arg = feed if feed is not None else out
@@ -204,7 +196,7 @@ def _launch_fwd(x: torch.Tensor, wp: torch.Tensor, c_out: int, bias: torch.Tenso
         tuning.wrap(_conv3x3_fwd_kernel)[(n * tiles, triton.cdiv(c_out, meta["BLOCK_N"]))](
             x, wp, bias if bias is not None else none, scale if scale is not None else none,
             shift if shift is not None else none, feed_arg, out, part, h, w, c_in, c_out, tiles,
-            *_strides4(x), *_strides4(feed_arg), *_strides4(out), HAS_BIAS=bias is not None,
+            *x.stride(), *feed_arg.stride(), *out.stride(), HAS_BIAS=bias is not None,
             PROLOGUE=scale is not None, HAS_FEED=feed is not None, STATS=stats, **_dot_flags(x), **meta)
         if not stats:
             return out, None, None
@@ -301,7 +293,7 @@ def conv3x3_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | Non
     with _device_guard(x.device):
         tuning.wrap(_conv3x3_wgrad_kernel)[(*grid01, splits)](
             grad, x, scale if scale is not None else none, shift if shift is not None else none, part,
-            h, w, c_in, c_out, total, split_size, *_strides4(grad), *_strides4(x), PROLOGUE=scale is not None,
+            h, w, c_in, c_out, total, split_size, *grad.stride(), *x.stride(), PROLOGUE=scale is not None,
             **_dot_flags(x), **meta)
     # the splits in order (a plain reduction: the same order every run), then (C_out, C_in, 3, 3)
     dw = part.sum(0) if splits > 1 else part[0]

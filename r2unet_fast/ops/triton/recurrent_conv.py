@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 
 from .._checks import check_ndim, check_same_device, check_shape
+from ..library import dense_layout
 from ..reference import compute_dtype
 from . import conv3x3, tuning
 from .attention_gate import _strides
@@ -296,7 +297,7 @@ def conv3x3_dgrad_applies(grad: torch.Tensor, w: torch.Tensor) -> bool:
     def candidates() -> dict[str, Callable[[], object]]:
         n, _, h, ww = grad.shape
         like = torch.empty((n, w.shape[1], h, ww), dtype=grad.dtype, device=grad.device,
-                           memory_format=conv3x3._fmt(grad))
+                           memory_format=dense_layout(grad))
 
         def aten() -> torch.Tensor:
             return torch.ops.aten.convolution_backward(grad, like, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
