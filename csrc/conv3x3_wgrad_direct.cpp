@@ -15,6 +15,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "recurrent_conv_chunks.h"
@@ -41,6 +43,21 @@ constexpr int64_t kPartialBytes = 16 << 20;
 // Output channels per register block (6 x 2 accumulators, 2 input loads and a broadcast: 15 of
 // the 16 ymm registers).
 constexpr int kBlockOut = 6;
+
+// The band buffer starts on a cache line, so a pixel's 16-channel block (64 bytes when C_in is a
+// multiple of 16) is one line, not two: about 10 % of the kernel's time on a Zen 3 CPU.
+constexpr std::size_t kLine = 64;
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+std::unique_ptr<float[], FreeDeleter> line_aligned(int64_t count) {
+  const std::size_t bytes = (static_cast<std::size_t>(count) * sizeof(float) + kLine - 1) / kLine * kLine;
+  auto* p = static_cast<float*>(std::aligned_alloc(kLine, bytes));
+  TORCH_CHECK(p != nullptr, "conv3x3_wgrad (cpu): could not allocate a ", bytes, "-byte band buffer");
+  return std::unique_ptr<float[], FreeDeleter>(p);
+}
 
 struct Plan {
   int64_t cp;     // input channels rounded up to 8 (zeros beyond C_in)
@@ -163,13 +180,13 @@ void wgrad(const WgradShape& d, const float* g, const float* x, const float* sca
       1, std::min({items, kMaxPartials, kPartialBytes / (partial_size * static_cast<int64_t>(sizeof(float)))}));
   std::vector<float> acc(partials * partial_size, 0.f);
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xb((p.rows + 2) * p.wp * p.cp);
+    const auto xb = line_aligned((p.rows + 2) * p.wp * p.cp);
     for (int64_t part = begin; part < end; ++part) {
       for (int64_t item = items * part / partials; item < items * (part + 1) / partials; ++item) {
         const int64_t image = item / p.bands, y0 = (item % p.bands) * p.rows;
         const int64_t rows = std::min(p.rows, d.h - y0);
-        load_band(d, p, x, scale, shift, image, y0, rows, xb.data());
-        band(d, p, g, xb.data(), image, y0, rows, acc.data() + part * partial_size);
+        load_band(d, p, x, scale, shift, image, y0, rows, xb.get());
+        band(d, p, g, xb.get(), image, y0, rows, acc.data() + part * partial_size);
       }
     }
   });
