@@ -249,7 +249,7 @@ def conv3x3_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | Non
     Returns:
         dw (C_out, C_in, 3, 3), channels_last, in that dtype.
     """
-    dw = torch.empty((grad.shape[1], x.shape[1], 3, 3), dtype=grad.dtype).contiguous(memory_format=torch.channels_last)
+    dw = torch.empty((grad.shape[1], x.shape[1], 3, 3), dtype=grad.dtype, memory_format=torch.channels_last)
     _C.rc_conv3x3_wgrad(grad, x, scale, shift, dw, direct)
     return dw
 
