@@ -2,9 +2,12 @@
 //   dw[o, kh, kw, i] = sum over (n, y, x) of g[n, y, x, o] * h[n, y + kh - 1, x + kw - 1, i].
 // Work items are bands of image rows. A band's input rows and their halo are copied once into a
 // zero-padded (rows + 2, W + 2, C_in rounded up to 8) buffer, with the recomputed BatchNorm +
-// ReLU applied on the way; then every tap (kh, kw) is a shifted view of that buffer, and a block
-// of up to 6 output channels by 16 input channels accumulates in 12 ymm registers over all the
-// band's pixels. Why not im2col + GEMM: at 16 to 64 channels the GEMM's (C_out, 9 C_in) output is
+// ReLU applied on the way; then every tap (kh, kw) is a shifted view of that buffer. A block of the
+// three taps of one kernel row, 4 output channels and 8 input channels accumulates in 12 ymm
+// registers over all the band's pixels: per pixel 3 vector loads (the neighbouring pixels) and 4
+// broadcasts feed 12 FMAs, and every C_out that is a multiple of 4 fills all 12 registers (a block of
+// 6 outputs by 16 inputs per tap left 4- and 2-output remainders at 16 and 32 channels, and ran
+// about 8 % slower). Why not im2col + GEMM: at 16 to 64 channels the GEMM's (C_out, 9 C_in) output is
 // too thin for BLAS, and the unfolded copy is 9x the input.
 //
 // Fixed ranges of bands accumulate into their own partial sums, added in order at the end, so the
@@ -40,12 +43,12 @@ constexpr int64_t kBandBytes = 192 << 10;
 // Partial sums at most this many, and at most this many bytes together.
 constexpr int64_t kMaxPartials = 4;
 constexpr int64_t kPartialBytes = 16 << 20;
-// Output channels per register block (6 x 2 accumulators, 2 input loads and a broadcast: 15 of
-// the 16 ymm registers).
-constexpr int kBlockOut = 6;
+// Output channels per register block (3 taps x 4 outputs = 12 accumulators, 3 input loads and a
+// broadcast: all 16 ymm registers).
+constexpr int kBlockOut = 4;
 
-// The band buffer starts on a cache line, so a pixel's 16-channel block (64 bytes when C_in is a
-// multiple of 16) is one line, not two: about 10 % of the kernel's time on a Zen 3 CPU.
+// The band buffer starts on a cache line, so no 8-channel vector of a pixel (32 bytes) straddles
+// two lines: about 10 % of the kernel's time on a Zen 3 CPU.
 constexpr std::size_t kLine = 64;
 
 struct FreeDeleter {
@@ -93,60 +96,55 @@ __attribute__((target("avx2,fma"))) void load_band(const WgradShape& d, const Pl
   }
 }
 
-// out[o * out_stride + i] += sum over the band's pixels of g[pixel, o] * xb[pixel (shifted), i],
-// for o < kOut and i < 8 * kVec; g and xb already point at the block's first channel and tap.
-template <int kOut, int kVec>
+// out[(o * 9 + kw) * cp + i] += sum over the band's pixels of g[pixel, o] * xb[pixel + kw, i] for
+// o < kOut, kw < 3, i < 8; g and xb already point at the block's first channel and kernel row.
+template <int kOut>
 __attribute__((target("avx2,fma"))) void block(const float* g, int64_t c_out, const float* xb, const Plan& p,
-                                                int64_t rows, int64_t w, float* out, int64_t out_stride) {
-  __m256 acc[kOut][kVec];
-#pragma GCC unroll 8
-  for (int o = 0; o < kOut; ++o) {
-#pragma GCC unroll 2
-    for (int v = 0; v < kVec; ++v) {
-      acc[o][v] = _mm256_setzero_ps();
+                                                int64_t rows, int64_t w, float* out) {
+  __m256 acc[3][kOut];
+#pragma GCC unroll 3
+  for (int k = 0; k < 3; ++k) {
+#pragma GCC unroll 4
+    for (int o = 0; o < kOut; ++o) {
+      acc[k][o] = _mm256_setzero_ps();
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* gr = g + r * w * c_out;
     const float* xr = xb + r * p.wp * p.cp;
     for (int64_t col = 0; col < w; ++col) {
-      __m256 xv[kVec];
-#pragma GCC unroll 2
-      for (int v = 0; v < kVec; ++v) {
-        xv[v] = _mm256_loadu_ps(xr + col * p.cp + 8 * v);
-      }
+      const float* xp = xr + col * p.cp;
+      const __m256 x0 = _mm256_loadu_ps(xp);
+      const __m256 x1 = _mm256_loadu_ps(xp + p.cp);
+      const __m256 x2 = _mm256_loadu_ps(xp + 2 * p.cp);
       const float* gp = gr + col * c_out;
-#pragma GCC unroll 8
+#pragma GCC unroll 4
       for (int o = 0; o < kOut; ++o) {
         const __m256 gv = _mm256_broadcast_ss(gp + o);
-#pragma GCC unroll 2
-        for (int v = 0; v < kVec; ++v) {
-          acc[o][v] = _mm256_fmadd_ps(gv, xv[v], acc[o][v]);
-        }
+        acc[0][o] = _mm256_fmadd_ps(gv, x0, acc[0][o]);
+        acc[1][o] = _mm256_fmadd_ps(gv, x1, acc[1][o]);
+        acc[2][o] = _mm256_fmadd_ps(gv, x2, acc[2][o]);
       }
     }
   }
-#pragma GCC unroll 8
-  for (int o = 0; o < kOut; ++o) {
-#pragma GCC unroll 2
-    for (int v = 0; v < kVec; ++v) {
-      float* dst = out + o * out_stride + 8 * v;
-      _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc[o][v]));
+#pragma GCC unroll 3
+  for (int k = 0; k < 3; ++k) {
+#pragma GCC unroll 4
+    for (int o = 0; o < kOut; ++o) {
+      float* dst = out + (o * 9 + k) * p.cp;
+      _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc[k][o]));
     }
   }
 }
 
-using BlockFn = void (*)(const float*, int64_t, const float*, const Plan&, int64_t, int64_t, float*, int64_t);
+using BlockFn = void (*)(const float*, int64_t, const float*, const Plan&, int64_t, int64_t, float*);
 
-template <int kVec>
-BlockFn block_for(int out) {
+BlockFn block_for(int64_t out) {
   switch (out) {
-    case 1: return block<1, kVec>;
-    case 2: return block<2, kVec>;
-    case 3: return block<3, kVec>;
-    case 4: return block<4, kVec>;
-    case 5: return block<5, kVec>;
-    default: return block<6, kVec>;
+    case 1: return block<1>;
+    case 2: return block<2>;
+    case 3: return block<3>;
+    default: return block<4>;
   }
 }
 
@@ -154,13 +152,12 @@ BlockFn block_for(int out) {
 void band(const WgradShape& d, const Plan& p, const float* g, const float* xb, int64_t image, int64_t y0,
           int64_t rows, float* partial) {
   const float* gb = g + (image * d.h + y0) * d.w * d.c_out;
-  for (int64_t tap = 0; tap < 9; ++tap) {
-    const float* xt = xb + ((tap / 3) * p.wp + tap % 3) * p.cp;
+  for (int64_t kh = 0; kh < 3; ++kh) {
+    const float* xk = xb + kh * p.wp * p.cp;
     for (int64_t o0 = 0; o0 < d.c_out; o0 += kBlockOut) {
-      const int out = static_cast<int>(std::min<int64_t>(kBlockOut, d.c_out - o0));
-      for (int64_t i0 = 0; i0 < p.cp; i0 += 16) {
-        const BlockFn fn = p.cp - i0 >= 16 ? block_for<2>(out) : block_for<1>(out);
-        fn(gb + o0, d.c_out, xt + i0, p, rows, d.w, partial + (o0 * 9 + tap) * p.cp + i0, 9 * p.cp);
+      const BlockFn fn = block_for(std::min<int64_t>(kBlockOut, d.c_out - o0));
+      for (int64_t i0 = 0; i0 < p.cp; i0 += 8) {
+        fn(gb + o0, d.c_out, xk + i0, p, rows, d.w, partial + (o0 * 9 + kh * 3) * p.cp + i0);
       }
     }
   }

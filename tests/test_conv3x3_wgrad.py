@@ -85,10 +85,11 @@ def test_float32_follows_the_ratio_rule(direct):
     _ratio_rule(_cpu().conv3x3_wgrad(grad, x, scale, shift, direct=direct), grad, h)
 
 
-# The direct kernel's blocks: 6 output channels by 16 (or a last 8) input channels, the input
-# padded to a multiple of 8 channels, bands of rows within 192 KB. (1, 8, 3, 200, 24) has two bands
-# per image; (5, 20, 13, 6, 7) five bands, so four partial sums, 6 + 6 + 1 output and 16 + 8 input
-# channels; the rest cover 1 to 6 output channels, 1 to 40 input channels and 1-pixel images.
+# The direct kernel's blocks: the 3 taps of a kernel row by 4 output channels by 8 input channels,
+# the input padded to a multiple of 8 channels, bands of rows within 192 KB. (1, 8, 3, 200, 24) has
+# two bands per image; (5, 20, 13, 6, 7) five bands, so four partial sums, 4 + 4 + 4 + 1 output and
+# 3 x 8 input channels; the rest cover every output remainder (1 to 3), 1 to 40 input channels and
+# 1-pixel images.
 DIRECT_SHAPES = [(2, 5, 6, 7, 9), (1, 3, 4, 1, 1), (3, 4, 1, 2, 13), (1, 8, 3, 200, 24), (5, 20, 13, 6, 7),
                  (2, 16, 16, 12, 12), (1, 40, 5, 5, 3), (2, 1, 2, 9, 4)]
 
