@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
-#include <vector>
 
 #include "recurrent_conv_chunks.h"
 
@@ -55,12 +54,28 @@ struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 
-std::unique_ptr<float[], FreeDeleter> line_aligned(int64_t count) {
-  const std::size_t bytes = (static_cast<std::size_t>(count) * sizeof(float) + kLine - 1) / kLine * kLine;
-  auto* p = static_cast<float*>(std::aligned_alloc(kLine, bytes));
-  TORCH_CHECK(p != nullptr, "conv3x3_wgrad (cpu): could not allocate a ", bytes, "-byte band buffer");
-  return std::unique_ptr<float[], FreeDeleter>(p);
-}
+// A thread's buffer, kept between calls and grown when a call needs more: the kernel runs about
+// fifty times a training step, and a fresh allocation of the partial sums (up to 2.4 MB at 128
+// channels) came back from the OS page by page on each call. What a thread keeps is bounded by
+// the largest band (about kBandBytes) and kPartialBytes.
+class Scratch {
+ public:
+  float* get(int64_t count) {
+    if (count > size_) {
+      const std::size_t bytes = (static_cast<std::size_t>(count) * sizeof(float) + kLine - 1) / kLine * kLine;
+      data_.reset();
+      size_ = 0;
+      data_.reset(static_cast<float*>(std::aligned_alloc(kLine, bytes)));
+      TORCH_CHECK(data_ != nullptr, "conv3x3_wgrad (cpu): could not allocate ", bytes, " bytes of scratch");
+      size_ = count;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<float[], FreeDeleter> data_;
+  int64_t size_ = 0;
+};
 
 struct Plan {
   int64_t cp;     // input channels rounded up to 8 (zeros beyond C_in)
@@ -97,8 +112,9 @@ __attribute__((target("avx2,fma"))) void load_band(const WgradShape& d, const Pl
 }
 
 // out[(o * 9 + kw) * cp + i] += sum over the band's pixels of g[pixel, o] * xb[pixel + kw, i] for
-// o < kOut, kw < 3, i < 8; g and xb already point at the block's first channel and kernel row.
-template <int kOut>
+// o < kOut, kw < 3, i < 8 (= instead of += when kStore: a partial's first band, so partials are
+// never zero-filled); g and xb already point at the block's first channel and kernel row.
+template <int kOut, bool kStore>
 __attribute__((target("avx2,fma"))) void block(const float* g, int64_t c_out, const float* xb, const Plan& p,
                                                 int64_t rows, int64_t w, float* out) {
   __m256 acc[3][kOut];
@@ -132,30 +148,32 @@ __attribute__((target("avx2,fma"))) void block(const float* g, int64_t c_out, co
 #pragma GCC unroll 4
     for (int o = 0; o < kOut; ++o) {
       float* dst = out + (o * 9 + k) * p.cp;
-      _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), acc[k][o]));
+      _mm256_storeu_ps(dst, kStore ? acc[k][o] : _mm256_add_ps(_mm256_loadu_ps(dst), acc[k][o]));
     }
   }
 }
 
 using BlockFn = void (*)(const float*, int64_t, const float*, const Plan&, int64_t, int64_t, float*);
 
+template <bool kStore>
 BlockFn block_for(int64_t out) {
   switch (out) {
-    case 1: return block<1>;
-    case 2: return block<2>;
-    case 3: return block<3>;
-    default: return block<4>;
+    case 1: return block<1, kStore>;
+    case 2: return block<2, kStore>;
+    case 3: return block<3, kStore>;
+    default: return block<4, kStore>;
   }
 }
 
-// One band's contribution to a partial (C_out, 9, cp).
+// One band's contribution to a partial (C_out, 9, cp), which the first band (``first``) overwrites.
 void band(const WgradShape& d, const Plan& p, const float* g, const float* xb, int64_t image, int64_t y0,
-          int64_t rows, float* partial) {
+          int64_t rows, bool first, float* partial) {
   const float* gb = g + (image * d.h + y0) * d.w * d.c_out;
   for (int64_t kh = 0; kh < 3; ++kh) {
     const float* xk = xb + kh * p.wp * p.cp;
     for (int64_t o0 = 0; o0 < d.c_out; o0 += kBlockOut) {
-      const BlockFn fn = block_for(std::min<int64_t>(kBlockOut, d.c_out - o0));
+      const int64_t out = std::min<int64_t>(kBlockOut, d.c_out - o0);
+      const BlockFn fn = first ? block_for<true>(out) : block_for<false>(out);
       for (int64_t i0 = 0; i0 < p.cp; i0 += 8) {
         fn(gb + o0, d.c_out, xk + i0, p, rows, d.w, partial + (o0 * 9 + kh * 3) * p.cp + i0);
       }
@@ -175,22 +193,26 @@ void wgrad(const WgradShape& d, const float* g, const float* x, const float* sca
   const int64_t items = d.n * p.bands, partial_size = d.c_out * 9 * p.cp;
   const int64_t partials = std::max<int64_t>(
       1, std::min({items, kMaxPartials, kPartialBytes / (partial_size * static_cast<int64_t>(sizeof(float)))}));
-  std::vector<float> acc(partials * partial_size, 0.f);
+  // the calling thread's partial sums; every partial has at least one band (partials <= items)
+  thread_local Scratch partial_scratch;
+  float* const acc = partial_scratch.get(partials * partial_size);
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
-    const auto xb = line_aligned((p.rows + 2) * p.wp * p.cp);
+    thread_local Scratch band_scratch;
+    float* const xb = band_scratch.get((p.rows + 2) * p.wp * p.cp);
     for (int64_t part = begin; part < end; ++part) {
-      for (int64_t item = items * part / partials; item < items * (part + 1) / partials; ++item) {
+      const int64_t first = items * part / partials;
+      for (int64_t item = first; item < items * (part + 1) / partials; ++item) {
         const int64_t image = item / p.bands, y0 = (item % p.bands) * p.rows;
         const int64_t rows = std::min(p.rows, d.h - y0);
-        load_band(d, p, x, scale, shift, image, y0, rows, xb.get());
-        band(d, p, g, xb.get(), image, y0, rows, acc.data() + part * partial_size);
+        load_band(d, p, x, scale, shift, image, y0, rows, xb);
+        band(d, p, g, xb, image, y0, rows, item == first, acc + part * partial_size);
       }
     }
   });
   for (int64_t o = 0; o < d.c_out; ++o) {
     for (int64_t tap = 0; tap < 9; ++tap) {
       float* dst = dw + (o * 9 + tap) * d.c_in;
-      const float* src = acc.data() + (o * 9 + tap) * p.cp;
+      const float* src = acc + (o * 9 + tap) * p.cp;
       std::copy(src, src + d.c_in, dst);
       for (int64_t part = 1; part < partials; ++part) {
         const float* more = src + part * partial_size;
