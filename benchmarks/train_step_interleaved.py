@@ -8,10 +8,19 @@ medians (and of the minimums) is the number to trust. Usage::
 
     python benchmarks/train_step_interleaved.py --rounds 15 \\
         --out benchmarks/results/cpu-2core-step-interleaved-<date>.json
+    python benchmarks/train_step_interleaved.py --processes --rounds 10 --steps 5 \\
+        --out benchmarks/results/cpu-2core-step-processes-<date>.json
 
-Writes JSON (``"kind": "interleaved_step"``): machine, torch threads, git commit, UTC date, the
-shape, and per side the times of every round in ms with min, median and interquartile range, plus
-the reference-over-fast ratios.
+With ``--processes``, every round instead runs each side in a fresh Python process (the order
+alternating from round to round) that times ``--steps`` steps after its warmup: one model per
+process, as the trainer runs it. In one process the two sides share glibc's heap, and which of
+them re-faults the memory the heap gives back to the OS between steps depends on the other; in
+fresh processes each side pays its own. The report then also gives each side's minor page faults
+per step.
+
+Writes JSON (``"kind": "interleaved_step"``, ``"mode"``: ``"one_process"`` or ``"processes"``):
+machine, torch threads, git commit, UTC date, the shape, and per side the times of every timed step
+in ms with min, median and interquartile range, plus the reference-over-fast ratios.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import argparse
 import datetime
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,35 +61,72 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _side_step(shape: StepShape, side: str, device: torch.device):
+    return train_step(shape, side, torch.float32, device, "auto" if side == "fast" else "reference")
+
+
+def _timed_ms(step, device: torch.device) -> float:
+    """One step's wall time in ms (the GPU's work included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def measure(shape: StepShape, rounds: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
     """Round times in ms per side in :data:`SIDES`, each round timing every side once."""
-    steps = {side: train_step(shape, side, torch.float32, device, "auto" if side == "fast" else "reference")
-             for side in SIDES}
+    steps = {side: _side_step(shape, side, device) for side in SIDES}
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {side: [] for side in SIDES}
     for _ in range(rounds):
         for side, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[side].append((time.perf_counter() - start) * 1e3)
+            times[side].append(_timed_ms(step, device))
     return times
+
+
+def time_alone(shape: StepShape, side: str, steps: int, warmup: int, device: torch.device) -> dict[str, object]:
+    """``steps`` step times in ms of ``side`` alone in this process after ``warmup`` untimed steps,
+    and its minor page faults per timed step."""
+    step = _side_step(shape, side, device)
+    for _ in range(warmup):
+        step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = [_timed_ms(step, device) for _ in range(steps)]
+    return {"times_ms": times, "minflt_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}
+
+
+def measure_in_processes(shape: StepShape, rounds: int, steps: int, warmup: int) -> dict[str, list[dict]]:
+    """Per side, one :func:`time_alone` result per round, each from a fresh process of this script."""
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    spec = f"{shape.base},{shape.depth},{shape.batch},{shape.size}"
+    for r in range(rounds):
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            done = subprocess.run([sys.executable, __file__, "--alone", side, "--steps", str(steps), "--warmup",
+                                   str(warmup), "--shape", spec], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"the {side} process failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
+    parser.add_argument("--processes", action="store_true",
+                        help="every round runs each side in a fresh process (one model per process)")
+    parser.add_argument("--steps", type=int, default=5, help="with --processes: timed steps per process (default 5)")
+    parser.add_argument("--alone", choices=SIDES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help="base,depth,batch,size (default: the benchmark suite's)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0:
-        parser.error("--rounds must be at least 1 and --warmup at least 0")
+    if args.rounds < 1 or args.warmup < 0 or args.steps < 1:
+        parser.error("--rounds and --steps must be at least 1 and --warmup at least 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[0]
     if args.shape is not None:
@@ -88,10 +135,22 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--shape takes four integers base,depth,batch,size, got {args.shape!r}")
         shape = StepShape("custom", base, depth, batch, size, shape.tied)
-    times = measure(shape, args.rounds, args.warmup, device)
-    sides = {side: {**summary(t), "times_ms": t} for side, t in times.items()}
+    if args.alone is not None:
+        print(json.dumps(time_alone(shape, args.alone, args.steps, args.warmup, device)))
+        return 0
+    if args.processes:
+        runs = measure_in_processes(shape, args.rounds, args.steps, args.warmup)
+        sides = {side: {**summary([t for run in rs for t in run["times_ms"]]),
+                        "times_ms": [t for run in rs for t in run["times_ms"]],
+                        "minflt_per_step": statistics.median(run["minflt_per_step"] for run in rs)}
+                 for side, rs in runs.items()}
+    else:
+        times = measure(shape, args.rounds, args.warmup, device)
+        sides = {side: {**summary(t), "times_ms": t} for side, t in times.items()}
     result = {
-        "kind": "interleaved_step", "machine": platform.processor() or platform.machine(),
+        "kind": "interleaved_step", "mode": "processes" if args.processes else "one_process",
+        "steps_per_process": args.steps if args.processes else None,
+        "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -100,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_min": sides["reference"]["min_ms"] / sides["fast"]["min_ms"],
     }
     for side, s in sides.items():
-        print(f"{side:10s} min {s['min_ms']:8.1f}  median {s['median_ms']:8.1f}  IQR {s['iqr_ms']:6.1f} ms")
+        faults = f"  {s['minflt_per_step']:8.0f} minor faults/step" if "minflt_per_step" in s else ""
+        print(f"{side:10s} min {s['min_ms']:8.1f}  median {s['median_ms']:8.1f}  IQR {s['iqr_ms']:6.1f} ms{faults}")
     print(f"fast vs reference: {result['speedup_median']:.2f}x by median, {result['speedup_min']:.2f}x by min")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

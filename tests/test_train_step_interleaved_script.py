@@ -26,7 +26,7 @@ def test_script_times_both_sides_every_round(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["kind"] == "interleaved_step" and report["rounds"] == 3
+    assert report["kind"] == "interleaved_step" and report["rounds"] == 3 and report["mode"] == "one_process"
     assert report["shape"] == {"name": "custom", "base": 4, "depth": 2, "batch": 1, "size": 16, "tied": False}
     for side in ("reference", "fast"):
         times = report["sides"][side]["times_ms"]
@@ -41,3 +41,18 @@ def test_bad_shape_is_refused_with_the_expected_form() -> None:
     done = subprocess.run([python(), "benchmarks/train_step_interleaved.py", "--shape", "16,4"], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "base,depth,batch,size" in done.stderr
+
+
+def test_processes_mode_times_each_side_in_its_own_fresh_process(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    done = subprocess.run([python(), "benchmarks/train_step_interleaved.py", "--processes", "--rounds", "1",
+                           "--steps", "2", "--warmup", "0", "--shape", "4,2,1,16", "--out", str(out)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "processes" and report["steps_per_process"] == 2
+    for side in ("reference", "fast"):
+        times = report["sides"][side]["times_ms"]
+        assert len(times) == 2 and all(t > 0 for t in times)
+        assert report["sides"][side]["minflt_per_step"] >= 0
+    assert "minor faults/step" in done.stdout
