@@ -8,15 +8,15 @@ medians (and of the minimums) is the number to trust. Usage::
 
     python benchmarks/train_step_interleaved.py --rounds 15 \\
         --out benchmarks/results/cpu-2core-step-interleaved-<date>.json
-    python benchmarks/train_step_interleaved.py --processes --rounds 10 --steps 5 \\
+    python benchmarks/train_step_interleaved.py --processes --rounds 25 \\
         --out benchmarks/results/cpu-2core-step-processes-<date>.json
 
-With ``--processes``, every round instead runs each side in a fresh Python process (the order
-alternating from round to round) that times ``--steps`` steps after its warmup: one model per
-process, as the trainer runs it. In one process the two sides share glibc's heap, and which of
-them re-faults the memory the heap gives back to the OS between steps depends on the other; in
-fresh processes each side pays its own. The report then also gives each side's minor page faults
-per step.
+With ``--processes``, each side runs in its own Python process (one model per process, as the
+trainer runs it), and the rounds still alternate between the two: each process waits while the
+other times its step. In one process the two sides share glibc's heap, and which of them re-faults
+the memory the heap gives back to the OS between steps depends on the other; in their own
+processes each side pays its own. The report then also gives each side's minor page faults per
+step (the median over rounds).
 
 Writes JSON (``"kind": "interleaved_step"``, ``"mode"``: ``"one_process"`` or ``"processes"``):
 machine, torch threads, git commit, UTC date, the shape, and per side the times of every timed step
@@ -89,28 +89,54 @@ def measure(shape: StepShape, rounds: int, warmup: int, device: torch.device) ->
     return times
 
 
-def time_alone(shape: StepShape, side: str, steps: int, warmup: int, device: torch.device) -> dict[str, object]:
-    """``steps`` step times in ms of ``side`` alone in this process after ``warmup`` untimed steps,
-    and its minor page faults per timed step."""
+def serve(shape: StepShape, side: str, warmup: int, device: torch.device) -> None:
+    """Worker of :func:`measure_in_processes`: build ``side``'s step, run ``warmup`` steps, print
+    ``ready``, then for each ``step`` line on stdin time one step and print its ms and the minor
+    page faults it took, as JSON; stop at end of input."""
     step = _side_step(shape, side, device)
     for _ in range(warmup):
         step()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    times = [_timed_ms(step, device) for _ in range(steps)]
-    return {"times_ms": times, "minflt_per_step": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ms = _timed_ms(step, device)
+        print(json.dumps({"ms": ms, "minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}),
+              flush=True)
 
 
-def measure_in_processes(shape: StepShape, rounds: int, steps: int, warmup: int) -> dict[str, list[dict]]:
-    """Per side, one :func:`time_alone` result per round, each from a fresh process of this script."""
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+def _reply(worker: subprocess.Popen, side: str) -> str:
+    line = worker.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the {side} process stopped (exit {worker.wait()}; its error is above)")
+    return line.strip()
+
+
+def measure_in_processes(shape: StepShape, rounds: int, warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Per side, ``times_ms`` and ``minflt`` of every round: each side in its own process of this
+    script (:func:`serve`), the rounds alternating between them as in :func:`measure`, so both
+    see the same spells of the machine but not each other's heap."""
     spec = f"{shape.base},{shape.depth},{shape.batch},{shape.size}"
-    for r in range(rounds):
-        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-            done = subprocess.run([sys.executable, __file__, "--alone", side, "--steps", str(steps), "--warmup",
-                                   str(warmup), "--shape", spec], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"the {side} process failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    workers = {side: subprocess.Popen([sys.executable, __file__, "--serve", side, "--warmup", str(warmup),
+                                       "--shape", spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, bufsize=1)
+               for side in SIDES}
+    runs: dict[str, dict[str, list[float]]] = {side: {"times_ms": [], "minflt": []} for side in SIDES}
+    try:
+        for side, worker in workers.items():
+            if _reply(worker, side) != "ready":
+                raise RuntimeError(f"the {side} process did not start its steps")
+        for _ in range(rounds):
+            for side, worker in workers.items():
+                worker.stdin.write("step\n")
+                timed = json.loads(_reply(worker, side))
+                runs[side]["times_ms"].append(timed["ms"])
+                runs[side]["minflt"].append(timed["minflt"])
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait(timeout=60)
     return runs
 
 
@@ -119,14 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
     parser.add_argument("--processes", action="store_true",
-                        help="every round runs each side in a fresh process (one model per process)")
-    parser.add_argument("--steps", type=int, default=5, help="with --processes: timed steps per process (default 5)")
-    parser.add_argument("--alone", choices=SIDES, default=None, help=argparse.SUPPRESS)
+                        help="each side in its own process (one model per process), rounds still alternating")
+    parser.add_argument("--serve", choices=SIDES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help="base,depth,batch,size (default: the benchmark suite's)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0 or args.steps < 1:
-        parser.error("--rounds and --steps must be at least 1 and --warmup at least 0")
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error("--rounds must be at least 1 and --warmup at least 0")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[0]
     if args.shape is not None:
@@ -135,21 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--shape takes four integers base,depth,batch,size, got {args.shape!r}")
         shape = StepShape("custom", base, depth, batch, size, shape.tied)
-    if args.alone is not None:
-        print(json.dumps(time_alone(shape, args.alone, args.steps, args.warmup, device)))
+    if args.serve is not None:
+        serve(shape, args.serve, args.warmup, device)
         return 0
     if args.processes:
-        runs = measure_in_processes(shape, args.rounds, args.steps, args.warmup)
-        sides = {side: {**summary([t for run in rs for t in run["times_ms"]]),
-                        "times_ms": [t for run in rs for t in run["times_ms"]],
-                        "minflt_per_step": statistics.median(run["minflt_per_step"] for run in rs)}
-                 for side, rs in runs.items()}
+        runs = measure_in_processes(shape, args.rounds, args.warmup)
+        sides = {side: {**summary(run["times_ms"]), "times_ms": run["times_ms"],
+                        "minflt_per_step": statistics.median(run["minflt"])} for side, run in runs.items()}
     else:
         times = measure(shape, args.rounds, args.warmup, device)
         sides = {side: {**summary(t), "times_ms": t} for side, t in times.items()}
     result = {
         "kind": "interleaved_step", "mode": "processes" if args.processes else "one_process",
-        "steps_per_process": args.steps if args.processes else None,
         "machine": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": git_commit(),
