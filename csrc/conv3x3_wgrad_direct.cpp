@@ -55,9 +55,10 @@ struct FreeDeleter {
 };
 
 // A thread's buffer, kept between calls and grown when a call needs more: the kernel runs about
-// fifty times a training step, and a fresh allocation of the partial sums (up to 2.4 MB at 128
-// channels) came back from the OS page by page on each call. What a thread keeps is bounded by
-// the largest band (about kBandBytes) and kPartialBytes.
+// fifty times a training step, and the partial sums (up to 2.4 MB at 128 channels) were allocated
+// and zero-filled on every call; an allocation above glibc's mmap threshold is also mapped and
+// faulted in anew each time. What a thread keeps is bounded by the largest band (about
+// kBandBytes) and kPartialBytes.
 class Scratch {
  public:
   float* get(int64_t count) {
