@@ -18,10 +18,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <memory>
 
 #include "recurrent_conv_chunks.h"
+#include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -45,38 +44,6 @@ constexpr int64_t kPartialBytes = 16 << 20;
 // Output channels per register block (3 taps x 4 outputs = 12 accumulators, 3 input loads and a
 // broadcast: all 16 ymm registers).
 constexpr int kBlockOut = 4;
-
-// The band buffer starts on a cache line, so no 8-channel vector of a pixel (32 bytes) straddles
-// two lines: about 10 % of the kernel's time on a Zen 3 CPU.
-constexpr std::size_t kLine = 64;
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-
-// A thread's buffer, kept between calls and grown when a call needs more: the kernel runs about
-// fifty times a training step, and the partial sums (up to 2.4 MB at 128 channels) were allocated
-// and zero-filled on every call; an allocation above glibc's mmap threshold is also mapped and
-// faulted in anew each time. What a thread keeps is bounded by the largest band (about
-// kBandBytes) and kPartialBytes.
-class Scratch {
- public:
-  float* get(int64_t count) {
-    if (count > size_) {
-      const std::size_t bytes = (static_cast<std::size_t>(count) * sizeof(float) + kLine - 1) / kLine * kLine;
-      data_.reset();
-      size_ = 0;
-      data_.reset(static_cast<float*>(std::aligned_alloc(kLine, bytes)));
-      TORCH_CHECK(data_ != nullptr, "conv3x3_wgrad (cpu): could not allocate ", bytes, " bytes of scratch");
-      size_ = count;
-    }
-    return data_.get();
-  }
-
- private:
-  std::unique_ptr<float[], FreeDeleter> data_;
-  int64_t size_ = 0;
-};
 
 struct Plan {
   int64_t cp;     // input channels rounded up to 8 (zeros beyond C_in)
@@ -195,10 +162,10 @@ void wgrad(const WgradShape& d, const float* g, const float* x, const float* sca
   const int64_t partials = std::max<int64_t>(
       1, std::min({items, kMaxPartials, kPartialBytes / (partial_size * static_cast<int64_t>(sizeof(float)))}));
   // the calling thread's partial sums; every partial has at least one band (partials <= items)
-  thread_local Scratch partial_scratch;
+  thread_local Scratch partial_scratch("conv3x3_wgrad");
   float* const acc = partial_scratch.get(partials * partial_size);
   at::parallel_for(0, partials, 1, [&](int64_t begin, int64_t end) {
-    thread_local Scratch band_scratch;
+    thread_local Scratch band_scratch("conv3x3_wgrad");
     float* const xb = band_scratch.get((p.rows + 2) * p.wp * p.cp);
     for (int64_t part = begin; part < end; ++part) {
       const int64_t first = items * part / partials;
