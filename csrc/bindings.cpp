@@ -94,6 +94,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "and input; with scale and shift the input is relu(input * scale + shift).",
         py::arg("grad"), py::arg("input"), py::arg("scale"), py::arg("shift"), py::arg("dw"), py::arg("direct"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("rc_conv3x3_winograd", &r2unet_fast::rc_conv3x3_winograd,
+        "y = conv3x3(relu(x * scale + shift), w) + bias + feed by Winograd F(2x2, 3x3) (float32, channels_last, "
+        "channels multiples of 8); flip: the input gradient, x being the output's gradient.",
+        py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("scale"), py::arg("shift"), py::arg("feed"),
+        py::arg("y"), py::arg("flip"), py::call_guard<py::gil_scoped_release>());
   m.def("avx2_kernels", &r2unet_fast::rc_detail::use_avx2_kernels,
         "Whether the recurrent conv kernels run their AVX2 + FMA versions (the CPU has them, and "
         "set_baseline_kernels(True) is not in force).");

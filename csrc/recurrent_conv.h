@@ -49,5 +49,13 @@ void rc_bn_relu_bwd(const at::Tensor& s, const at::Tensor& dh, const at::Tensor&
 void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& scale,
                       const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct);
 
+// y = conv3x3(relu(x * scale + shift), w) + bias + feed (stride 1, padding 1 on the activation;
+// scale and shift both or neither; bias, feed optional) by Winograd F(2x2, 3x3), float32,
+// channels_last x, y and feed, channels multiples of 8 (csrc/conv3x3_winograd.cpp). flip: the input
+// gradient dx = conv(dy, rotated w) of a forward weight w (C_out, C_in, 3, 3), x being dy.
+void rc_conv3x3_winograd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+                         const std::optional<at::Tensor>& feed, at::Tensor y, bool flip);
+
 
 }  // namespace r2unet_fast

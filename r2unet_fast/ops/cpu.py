@@ -275,3 +275,60 @@ def rc_update_running_stats(stats: torch.Tensor, running_means: list[torch.Tenso
     ``min(k, norms - 1)``. The running tensors: (C,) each, contiguous, in stats' dtype;
     ``num_batches_tracked``: one int64 scalar each, or None."""
     _C.rc_update_running_stats(stats, running_means, running_vars, num_batches_tracked, momentum, count)
+
+
+def _winograd_applies(x: torch.Tensor, c_in: int, c_out: int) -> bool:
+    return (x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and c_in % 8 == 0 and c_out % 8 == 0 and c_in > 0 and c_out > 0 and avx2_kernels())
+
+
+def rc_conv_applies(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                    shift: torch.Tensor | None, feed: torch.Tensor | None) -> bool:
+    """Whether :func:`rc_conv` (Winograd F(2x2, 3x3), csrc/conv3x3_winograd.cpp) runs this step's
+    convolution rather than oneDNN between the fused passes: float32, channels_last x (and feed),
+    channels multiples of 8, an AVX2 + FMA CPU (:func:`avx2_kernels`)."""
+    return (_winograd_applies(x, w.shape[1], w.shape[0]) and w.dtype == torch.float32
+            and (feed is None or feed.is_contiguous(memory_format=torch.channels_last)))
+
+
+def rc_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+            shift: torch.Tensor | None, feed: torch.Tensor | None,
+            stats: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One step's ``s = conv3x3(relu(x * scale + shift), w) + bias + feed`` (padding 1 on the
+    activation; scale/shift, bias, feed optional) in one pass, and with ``stats`` s's batch mean and
+    biased variance (:func:`rc_add_stats`).
+
+    Args:
+        x: (N, C_in, H, W) float32 channels_last; w: (C_out, C_in, 3, 3) float32, any strides;
+            bias (C_out,), scale and shift (C_in,) float32; feed (N, C_out, H, W) like x.
+    Returns:
+        s (N, C_out, H, W) channels_last, and mean, var (C_out,) (None without ``stats``).
+    """
+    s = torch.empty((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    _C.rc_conv3x3_winograd(x, w, bias, scale, shift, feed, s, False)
+    if not stats:
+        return s, None, None
+    mean, var = rc_add_stats(s, None)
+    return s, mean, var
+
+
+def conv3x3_dgrad_applies(grad: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :func:`conv3x3_dgrad` (Winograd) runs this input gradient rather than oneDNN: as
+    :func:`rc_conv_applies`, grad taking the input's place."""
+    return _winograd_applies(grad, w.shape[0], w.shape[1]) and w.dtype == torch.float32
+
+
+def conv3x3_dgrad(grad: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The input gradient of a 3x3, stride-1, padding-1 convolution: the forward convolution of
+    ``grad`` with the rotated, transposed filters, by Winograd F(2x2, 3x3).
+
+    Args:
+        grad: (N, C_out, H, W) float32 channels_last; w: (C_out, C_in, 3, 3) float32.
+    Returns:
+        dx (N, C_in, H, W) channels_last.
+    """
+    dx = torch.empty((grad.shape[0], w.shape[1], grad.shape[2], grad.shape[3]), dtype=grad.dtype,
+                     memory_format=torch.channels_last)
+    _C.rc_conv3x3_winograd(grad, w, None, None, None, None, dx, True)
+    return dx
