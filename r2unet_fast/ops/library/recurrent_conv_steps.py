@@ -129,6 +129,20 @@ def _step_stats(passes, out: torch.Tensor, feed: torch.Tensor | None, gamma: tor
     _set_stats(stats, k, mean, var, gamma, beta, row, eps)
 
 
+def _fused_step(passes, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: torch.Tensor | None,
+                shift: torch.Tensor | None, feed: torch.Tensor | None, gamma: torch.Tensor, beta: torch.Tensor,
+                row: int, eps: float, stats: torch.Tensor, k: int) -> torch.Tensor:
+    """s = the backend's fused convolution (``rc_conv``), and stats[:, k] from it: taken in the same
+    launch (Triton's epilogue), or by the one-call statistics pass where the backend has it (C++)."""
+    if getattr(passes, "rc_add_stats_affine", None) is None:
+        s, mean, var = passes.rc_conv(x, w, b, scale, shift, feed)
+        _set_stats(stats, k, mean, var, gamma, beta, row, eps)
+        return s
+    s = passes.rc_conv(x, w, b, scale, shift, feed, stats=False)[0]
+    _step_stats(passes, s, None, gamma, beta, row, eps, stats, k)
+    return s
+
+
 def train_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r: torch.Tensor | None,
               gamma: torch.Tensor, beta: torch.Tensor, residual: torch.Tensor | None, t: int,
               eps: float) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -141,8 +155,7 @@ def train_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r
     gamma, beta = gamma.to(dtype).contiguous(), beta.to(dtype).contiguous()
     stats = torch.empty((len(STATS), t + 1, gamma.shape[1]), dtype=dtype, device=x.device)
     if _hook(passes, "rc_conv", x, w_f, b_f, None, None, None):
-        feed, mean, var = passes.rc_conv(x, w_f, b_f, None, None, None)
-        _set_stats(stats, 0, mean, var, gamma, beta, 0, eps)
+        feed = _fused_step(passes, x, w_f, b_f, None, None, None, gamma, beta, 0, eps, stats, 0)
     else:
         feed = _conv(x, w_f, b_f)
         _step_stats(passes, feed, None, gamma, beta, 0, eps, stats, 0)
@@ -152,8 +165,8 @@ def train_fwd(passes, x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor, w_r
     for k in range(1, t + 1):
         row = step_norm(k, gamma.shape[0])
         if fused:
-            s, mean, var = passes.rc_conv(states[k - 1], w_r, None, stats[2, k - 1], stats[3, k - 1], feed)
-            _set_stats(stats, k, mean, var, gamma, beta, row, eps)
+            s = _fused_step(passes, states[k - 1], w_r, None, stats[2, k - 1], stats[3, k - 1], feed, gamma, beta,
+                            row, eps, stats, k)
         else:
             s = _conv(passes.rc_bn_relu(states[k - 1], None, stats[2, k - 1], stats[3, k - 1], None), w_r, None)
             _step_stats(passes, s, feed, gamma, beta, row, eps, stats, k)  # s := F + conv_r(h), in place
