@@ -93,7 +93,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Weight gradient of a 3x3 stride-1 padding-1 convolution into dw (channels_last), from channels_last grad "
         "and input; with scale and shift the input is relu(input * scale + shift).",
         py::arg("grad"), py::arg("input"), py::arg("scale"), py::arg("shift"), py::arg("dw"), py::arg("direct"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("winograd") = true, py::call_guard<py::gil_scoped_release>());
   m.def("rc_conv3x3_winograd", &r2unet_fast::rc_conv3x3_winograd,
         "y = conv3x3(relu(x * scale + shift), w) + bias + feed by Winograd F(2x2, 3x3) (float32, channels_last, "
         "channels multiples of 8); flip: the input gradient, x being the output's gradient.",

@@ -7,11 +7,13 @@
 // (h computed on the fly, so the recurrent step's h_{k-1} never goes to memory) and multiplied by
 // the matching (P, C_out) rows of g. Fixed tile ranges accumulate into their own partial sums,
 // added in order, so the result has the same bits for any thread count. On AVX2 CPUs float32 takes
-// the direct kernel of csrc/conv3x3_wgrad_direct.cpp instead, which is faster at every channel
-// count measured; the GEMM stays for float64 and other CPUs.
+// Winograd F(2x2, 3x3) (csrc/conv3x3_winograd_wgrad.cpp) where both channel counts are multiples
+// of 8, else the direct kernel of csrc/conv3x3_wgrad_direct.cpp, each faster than this one at every
+// channel count measured; the GEMM stays for float64 and other CPUs.
 #include "recurrent_conv.h"
 
 #include "conv3x3_wgrad_direct.h"
+#include "conv3x3_winograd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -99,7 +101,7 @@ bool channels_last_4d(const at::Tensor& t) {
 }  // namespace
 
 void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct) {
+                      const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct, bool winograd) {
   TORCH_CHECK(grad.device().is_cpu() && input.device().is_cpu() && dw.device().is_cpu(),
               "conv3x3_wgrad (cpu): tensors must be on the CPU");
   TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble,
@@ -126,7 +128,15 @@ void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std
     dw.zero_();
     return;
   }
-  if (direct && grad.scalar_type() == at::kFloat && wgrad_direct::supported()) {
+  const bool fp32 = grad.scalar_type() == at::kFloat;
+  if (winograd && fp32 && winograd::supported() && winograd::applies(d.c_in, d.c_out)) {
+    const winograd::ConvShape shape{d.n, d.c_in, d.c_out, d.h, d.w};
+    winograd::wgrad(shape, grad.data_ptr<float>(), input.data_ptr<float>(),
+                    scale.has_value() ? scale->data_ptr<float>() : nullptr,
+                    shift.has_value() ? shift->data_ptr<float>() : nullptr, dw.data_ptr<float>());
+    return;
+  }
+  if (direct && fp32 && wgrad_direct::supported()) {
     wgrad_direct::wgrad(d, grad.data_ptr<float>(), input.data_ptr<float>(),
                         scale.has_value() ? scale->data_ptr<float>() : nullptr,
                         shift.has_value() ? shift->data_ptr<float>() : nullptr, dw.data_ptr<float>());

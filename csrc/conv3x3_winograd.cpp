@@ -28,8 +28,8 @@
 #include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
 #define R2UNET_FAST_X86 1
+#include "conv3x3_winograd_tiles.h"
 #endif
 
 namespace r2unet_fast {
@@ -43,148 +43,6 @@ bool supported() { return rc_detail::use_avx2_kernels(); }
 
 namespace {
 
-// V and M of a block together fill about half of a 512 KB L2.
-constexpr int64_t kBlockBytes = 256 << 10;
-// Tiles per GEMM register block: 6 tiles x 16 output channels = 12 ymm accumulators, two weight
-// vectors and a broadcast.
-constexpr int kRows = 6;
-struct Tiles {
-  int64_t th, tw;  // tiles per column and per row
-  int64_t per_image() const { return th * tw; }
-};
-
-// A tile's place: image, tile row and tile column; stepped through a block in order, as divisions
-// per tile showed in the profile at 16 channels.
-struct TilePos {
-  int64_t image, ty, tx;
-  void next(const Tiles& t) {
-    if (++tx == t.tw) {
-      tx = 0;
-      if (++ty == t.th) {
-        ty = 0;
-        ++image;
-      }
-    }
-  }
-};
-
-// V[p][b][.] (v points at tile b's row of position 0; positions vs floats apart) from the tile's
-// 4x4 input patch, whose pixels are at element offsets ``offset`` (-1: the zero padding; never
-// when kInterior).
-template <bool kPrologue, bool kInterior>
-__attribute__((target("avx2,fma"))) void input_tile(const float* x, int64_t k, const int64_t (&offset)[4][4],
-                                                     const float* scale, const float* shift, int64_t vs, float* v) {
-  const __m256 zero = _mm256_setzero_ps();
-  for (int64_t k0 = 0; k0 < k; k0 += 8) {
-    __m256 p[4][4];
-    const __m256 sc = kPrologue ? _mm256_loadu_ps(scale + k0) : zero;
-    const __m256 sh = kPrologue ? _mm256_loadu_ps(shift + k0) : zero;
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        if (!kInterior && offset[i][j] < 0) {
-          p[i][j] = zero;
-        } else {
-          const __m256 val = _mm256_loadu_ps(x + offset[i][j] + k0);
-          // max(0, v) keeps a NaN v, as torch.relu does
-          p[i][j] = kPrologue ? _mm256_max_ps(zero, _mm256_fmadd_ps(val, sc, sh)) : val;
-        }
-      }
-    }
-    __m256 q[4][4];  // B^T p
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      q[0][j] = _mm256_sub_ps(p[0][j], p[2][j]);
-      q[1][j] = _mm256_add_ps(p[1][j], p[2][j]);
-      q[2][j] = _mm256_sub_ps(p[2][j], p[1][j]);
-      q[3][j] = _mm256_sub_ps(p[1][j], p[3][j]);
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {  // (B^T p) B
-      const __m256 r[4] = {_mm256_sub_ps(q[i][0], q[i][2]), _mm256_add_ps(q[i][1], q[i][2]),
-                           _mm256_sub_ps(q[i][2], q[i][1]), _mm256_sub_ps(q[i][1], q[i][3])};
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        _mm256_store_ps(v + (i * 4 + j) * vs + k0, r[j]);
-      }
-    }
-  }
-}
-
-// The input transform of a block's ``count`` tiles from ``pos`` on, into V (positions vs apart).
-template <bool kPrologue>
-void input_block(const ConvShape& d, const Tiles& t, const float* x, const float* scale, const float* shift,
-                 TilePos pos, int64_t count, int64_t vs, float* v) {
-  for (int64_t b = 0; b < count; ++b, pos.next(t)) {
-    int64_t offset[4][4];
-    bool interior = true;
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) {
-        const int64_t y = 2 * pos.ty - 1 + i, xx = 2 * pos.tx - 1 + j;
-        const bool inside = y >= 0 && y < d.h && xx >= 0 && xx < d.w;
-        offset[i][j] = inside ? ((pos.image * d.h + y) * d.w + xx) * d.k : -1;
-        interior = interior && inside;
-      }
-    }
-    if (interior) {
-      input_tile<kPrologue, true>(x, d.k, offset, scale, shift, vs, v + b * d.k);
-    } else {
-      input_tile<kPrologue, false>(x, d.k, offset, scale, shift, vs, v + b * d.k);
-    }
-  }
-}
-
-// m[r][o] = sum over k of v[r][k] * u[k][o] for kR tiles (rows of v, stride K) and kV * 8 output
-// channels (u, m: row strides Cout).
-template <int kR, int kV>
-__attribute__((target("avx2,fma"))) void gemm(const float* v, const float* u, int64_t k_count, int64_t c_out,
-                                              float* m) {
-  __m256 acc[kR][kV];
-#pragma GCC unroll 6
-  for (int r = 0; r < kR; ++r) {
-#pragma GCC unroll 2
-    for (int j = 0; j < kV; ++j) {
-      acc[r][j] = _mm256_setzero_ps();
-    }
-  }
-  for (int64_t k = 0; k < k_count; ++k) {
-    __m256 w[kV];
-#pragma GCC unroll 2
-    for (int j = 0; j < kV; ++j) {
-      w[j] = _mm256_loadu_ps(u + k * c_out + j * 8);
-    }
-#pragma GCC unroll 6
-    for (int r = 0; r < kR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(v + r * k_count + k);
-#pragma GCC unroll 2
-      for (int j = 0; j < kV; ++j) {
-        acc[r][j] = _mm256_fmadd_ps(a, w[j], acc[r][j]);
-      }
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < kR; ++r) {
-#pragma GCC unroll 2
-    for (int j = 0; j < kV; ++j) {
-      _mm256_storeu_ps(m + r * c_out + j * 8, acc[r][j]);
-    }
-  }
-}
-
-using GemmFn = void (*)(const float*, const float*, int64_t, int64_t, float*);
-
-template <int kV>
-GemmFn gemm_for(int64_t rows) {
-  switch (rows) {
-    case 1: return gemm<1, kV>;
-    case 2: return gemm<2, kV>;
-    case 3: return gemm<3, kV>;
-    case 4: return gemm<4, kV>;
-    case 5: return gemm<5, kV>;
-    default: return gemm<kRows, kV>;
-  }
-}
 
 // y's pixels of the tile at ``pos`` from M[p][b][.] (m points at tile b's row of position 0;
 // positions ms floats apart), plus bias and feed (kFeed).
@@ -279,32 +137,24 @@ void conv(const ConvShape& d, const float* x, const float* u, const float* scale
           const float* bias, const float* feed, float* y) {
   TORCH_CHECK(applies(d.k, d.c_out), "conv3x3 winograd (cpu): channels must be multiples of 8, got ", d.k, " -> ",
               d.c_out);
-  const Tiles t{(d.h + 1) / 2, (d.w + 1) / 2};
-  const int64_t tiles = d.n * t.per_image();
-  if (tiles == 0) {
+  const Blocks plan(d, d.c_out, 2 * at::get_num_threads(), kRows);  // at least two blocks a thread
+  if (plan.tiles == 0) {
     return;
   }
   const std::vector<float> no_bias(bias == nullptr ? d.c_out : 0, 0.f);
   const float* const bias_or_zero = bias == nullptr ? no_bias.data() : bias;
-  const int64_t threads = at::get_num_threads();
-  int64_t block = kBlockBytes / (16 * (d.k + d.c_out) * static_cast<int64_t>(sizeof(float)));
-  block = std::min(block, (tiles + 2 * threads - 1) / (2 * threads));  // at least two blocks a thread
-  block = std::max<int64_t>(kRows, block / kRows * kRows);
-  const int64_t blocks = (tiles + block - 1) / block;
-  // A cache line between positions: at power-of-two strides the 16 positions of a tile, read and
-  // written together by the transforms, would all fall into one L1 set.
-  const int64_t vs = block * d.k + kCacheLine / sizeof(float), ms = block * d.c_out + kCacheLine / sizeof(float);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t vs = plan.vs, ms = plan.ms;
+  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch("conv3x3 winograd");
     float* const v = scratch.get(16 * (vs + ms));
     float* const m = v + 16 * vs;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = item * block, count = std::min(block, tiles - first);
-      const TilePos pos{first / t.per_image(), (first % t.per_image()) / t.tw, first % t.tw};
+      const int64_t count = plan.size(item);
+      const TilePos pos = plan.start(item);
       if (scale != nullptr) {
-        input_block<true>(d, t, x, scale, shift, pos, count, vs, v);
+        input_block<true>(d, plan.t, x, scale, shift, pos, count, vs, v);
       } else {
-        input_block<false>(d, t, x, nullptr, nullptr, pos, count, vs, v);
+        input_block<false>(d, plan.t, x, nullptr, nullptr, pos, count, vs, v);
       }
       for (int64_t p = 0; p < 16; ++p) {
         const float* vp = v + p * vs;
@@ -314,13 +164,13 @@ void conv(const ConvShape& d, const float* x, const float* u, const float* scale
           const bool wide = o + 16 <= d.c_out;
           for (int64_t b = 0; b < count; b += kRows) {
             const int64_t rows = std::min<int64_t>(kRows, count - b);
-            const GemmFn fn = wide ? gemm_for<2>(rows) : gemm_for<1>(rows);
-            fn(vp + b * d.k, up + o, d.k, d.c_out, mp + b * d.c_out + o);
+            const GemmFn fn = wide ? gemm_for<2, false>(rows) : gemm_for<1, false>(rows);
+            fn(vp + b * d.k, d.k, 1, up + o, d.c_out, d.k, mp + b * d.c_out + o, d.c_out);
           }
         }
       }
       TilePos at = pos;
-      for (int64_t i = 0; i < count; ++i, at.next(t)) {
+      for (int64_t i = 0; i < count; ++i, at.next(plan.t)) {
         if (feed != nullptr) {
           output_tile<true>(d, at, m + i * d.c_out, ms, bias_or_zero, feed, y);
         } else {

@@ -34,5 +34,11 @@ void transform_weight(const float* w, const int64_t strides[4], int64_t k, int64
 void conv(const ConvShape& d, const float* x, const float* u, const float* scale, const float* shift,
           const float* bias, const float* feed, float* y);
 
+// dw (C_out, 3, 3, K: a channels_last (C_out, K, 3, 3) tensor's memory) = the weight gradient of
+// conv(relu(x * scale + shift), w) from g, its output's gradient (the channels_last memory of
+// (N, Cout, H, W)), by the same tiles (csrc/conv3x3_winograd_wgrad.cpp). scale and shift both or
+// neither. Requires supported() and applies().
+void wgrad(const ConvShape& d, const float* g, const float* x, const float* scale, const float* shift, float* dw);
+
 }  // namespace winograd
 }  // namespace r2unet_fast

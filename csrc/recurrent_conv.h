@@ -44,10 +44,11 @@ void rc_bn_relu_bwd(const at::Tensor& s, const at::Tensor& dh, const at::Tensor&
 // dw (C_out, C_in, 3, 3, channels_last) = the weight gradient of a 3x3 stride-1 padding-1
 // convolution from grad (N, C_out, H, W) and its input, both channels_last; with scale and shift
 // (C_in,) the input is relu(input * scale + shift), computed as it is loaded
-// (csrc/conv3x3_wgrad.cpp). direct: float32 takes csrc/conv3x3_wgrad_direct.cpp's kernel where the
-// CPU has AVX2 + FMA, else the im2col GEMM.
+// (csrc/conv3x3_wgrad.cpp). Where the CPU has AVX2 + FMA, float32 takes Winograd F(2x2, 3x3)
+// (csrc/conv3x3_winograd_wgrad.cpp) when ``winograd`` and both channel counts are multiples of 8,
+// else csrc/conv3x3_wgrad_direct.cpp's kernel when ``direct``; the rest the im2col GEMM.
 void rc_conv3x3_wgrad(const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct);
+                      const std::optional<at::Tensor>& shift, at::Tensor dw, bool direct, bool winograd);
 
 // y = conv3x3(relu(x * scale + shift), w) + bias + feed (stride 1, padding 1 on the activation;
 // scale and shift both or neither; bias, feed optional) by Winograd F(2x2, 3x3), float32,

@@ -82,7 +82,7 @@ def _ratio_rule(mine: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None
 def test_float32_follows_the_ratio_rule(direct):
     x, grad, scale, shift = _case(2, 8, 6, 40, 40, torch.float32)
     h = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-    _ratio_rule(_cpu().conv3x3_wgrad(grad, x, scale, shift, direct=direct), grad, h)
+    _ratio_rule(_cpu().conv3x3_wgrad(grad, x, scale, shift, direct=direct, winograd=False), grad, h)
 
 
 # The direct kernel's blocks: the 3 taps of a kernel row by 4 output channels by 8 input channels,
@@ -100,7 +100,8 @@ DIRECT_SHAPES = [(2, 5, 6, 7, 9), (1, 3, 4, 1, 1), (3, 4, 1, 2, 13), (1, 8, 3, 2
 def test_direct_kernel_follows_the_ratio_rule(shape, prologue):
     x, grad, scale, shift = _case(*shape, dtype=torch.float32)
     h = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) if prologue else x
-    _ratio_rule(_cpu().conv3x3_wgrad(grad, x, scale if prologue else None, shift if prologue else None), grad, h)
+    _ratio_rule(_cpu().conv3x3_wgrad(grad, x, scale if prologue else None, shift if prologue else None,
+                                     winograd=False), grad, h)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=KERNELS[0].marks)],
@@ -109,7 +110,7 @@ def test_nan_in_the_input_reaches_the_weights_it_touches(dtype):
     x, grad, scale, shift = _case(1, 3, 2, 5, 5, dtype)
     x[0, 1, 2, 2] = float("nan")
     h = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-    got = _cpu().conv3x3_wgrad(grad, x, scale, shift)
+    got = _cpu().conv3x3_wgrad(grad, x, scale, shift, winograd=False)
     want = _aten_wgrad(grad, h)
     assert torch.equal(got.isnan(), want.isnan()) and got.isnan()[:, 1].all() and not got.isnan()[:, 0].any()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -124,7 +125,7 @@ def test_same_bits_for_any_thread_count(direct):
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(_cpu().conv3x3_wgrad(grad, x, scale, shift, direct=direct))
+            results.append(_cpu().conv3x3_wgrad(grad, x, scale, shift, direct=direct, winograd=False))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])

@@ -1,9 +1,10 @@
-"""The C++ Winograd F(2x2, 3x3) convolution (``csrc/conv3x3_winograd.cpp``) that runs the CPU
-recurrent conv step's float32 forward convolutions (``rc_conv``) and input gradients
-(``conv3x3_dgrad``): against float64 ATen under the ratio rule (odd shapes and partial tiles, several
-tile blocks with every register-block remainder, 8- and 16-wide output blocks, the BatchNorm + ReLU
-prologue, bias and feed), weights in any layout, the same bits for any thread count, NaN, its
-errors, where it applies, and the recurrent unit on it matching the reference over training steps."""
+"""The C++ Winograd F(2x2, 3x3) kernels that run the CPU recurrent conv step's float32 forward
+convolutions (``rc_conv``), input gradients (``conv3x3_dgrad``; ``csrc/conv3x3_winograd.cpp``) and
+weight gradients (``conv3x3_wgrad``; ``csrc/conv3x3_winograd_wgrad.cpp``): against float64 ATen
+under the ratio rule (odd shapes and partial tiles, several tile blocks and partial sums, every
+register-block remainder, 8- and 16-wide blocks, the BatchNorm + ReLU prologue, bias and feed),
+weights in any layout, the same bits for any thread count, NaN, errors, where they apply, and the
+recurrent unit on them matching the reference over training steps."""
 from __future__ import annotations
 
 import pytest
@@ -100,6 +101,50 @@ def test_input_gradient_follows_the_ratio_rule(shape):
     _assert_ratio_rule(cpu.conv3x3_dgrad(_cl(grad), _cl(weight)), aten(_cl(grad), _cl(weight)), aten(grad, weight))
 
 
+def _aten_wgrad(grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    w = torch.empty(grad.shape[1], h.shape[1], 3, 3, dtype=grad.dtype)
+    return torch.ops.aten.convolution_backward(grad, h, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                               [False, True, False])[1]
+
+
+# the weight gradient's tiles: blocks of at least one tile, at least 4 blocks where there are 4
+# tiles (so up to 4 partial sums); (2, 16, 16, 40, 40): 800 tiles in blocks of 128, 4 partials;
+# (2, 128, 128, 12, 12): blocks of 16, partials of 1 MB each; (1, 40, 8, 5, 3): 40 input channels
+# in two 16-wide blocks and an 8-wide one, 8 outputs in a 6-row and a 2-row block
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn_relu_on_load"])
+def test_weight_gradient_follows_the_ratio_rule(shape, prologue):
+    n, c_in, c_out, h, w = shape
+    x, _, _, scale, shift, _ = _inputs(*shape)
+    grad = torch.randn(n, c_out, h, w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    act = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) if prologue else x
+    sc, sh = (scale.float(), shift.float()) if prologue else (None, None)
+    got = _cpu().conv3x3_wgrad(_cl(grad), _cl(x), sc, sh)
+    act32 = _cl(x) if not prologue else torch.relu(_cl(x) * sc.view(1, -1, 1, 1) + sh.view(1, -1, 1, 1))
+    _assert_ratio_rule(got, _aten_wgrad(_cl(grad), act32), _aten_wgrad(grad, act))
+
+
+def test_weight_gradient_has_the_same_bits_for_any_thread_count():
+    x, _, _, scale, shift, _ = _inputs(2, 16, 16, 40, 40)
+    grad = _cl(torch.randn(2, 16, 40, 40))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_cpu().conv3x3_wgrad(grad, _cl(x), scale.float(), shift.float()))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_nan_in_the_input_reaches_the_weights_of_its_channel_only():
+    x, _, _, scale, shift, _ = _inputs(1, 8, 8, 6, 6)
+    x[0, 1, 2, 2] = float("nan")
+    got = _cpu().conv3x3_wgrad(_cl(torch.randn(1, 8, 6, 6)), _cl(x), scale.float(), shift.float())
+    assert got.isnan()[:, 1].all() and not got.isnan()[:, [0, *range(2, 8)]].any()
+
+
 def test_weights_in_any_layout_give_the_same_bits():
     x, weight, *_ = _inputs(2, 16, 24, 9, 10)
     wide = torch.randn(24, 32, 3, 3)
@@ -181,6 +226,13 @@ def test_bad_inputs_raise_errors_naming_the_problem(case, message):
 
 def test_applies_to_float32_channels_last_multiples_of_8_on_avx2_only():
     cpu = _cpu()
+    # the weight gradient: Winograd where both channel counts are multiples of 8, else the direct kernel
+    g, h = _cl(torch.randn(1, 16, 6, 6)), _cl(torch.randn(1, 8, 6, 6))
+    winograd, direct = cpu.conv3x3_wgrad(g, h, None, None), cpu.conv3x3_wgrad(g, h, None, None, winograd=False)
+    assert not torch.equal(winograd, direct)  # the same values, rounded differently
+    torch.testing.assert_close(winograd, direct, rtol=1e-4, atol=1e-4)
+    h12 = _cl(torch.randn(1, 12, 6, 6))
+    assert torch.equal(cpu.conv3x3_wgrad(g, h12, None, None), cpu.conv3x3_wgrad(g, h12, None, None, winograd=False))
     x, w = _cl(torch.randn(1, 8, 4, 4)), _cl(torch.randn(16, 8, 3, 3))
     assert cpu.rc_conv_applies(x, w, None, None, None, None) and cpu.conv3x3_dgrad_applies(_cl(torch.randn(1, 16, 4, 4)), w)
     assert not cpu.rc_conv_applies(x.double(), w.double(), None, None, None, None)
@@ -196,7 +248,7 @@ def test_applies_to_float32_channels_last_multiples_of_8_on_avx2_only():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_recurrent_block_on_the_kernel_matches_the_reference(backend, tied, monkeypatch):
     cpu = _cpu()
-    calls = {"rc_conv": 0, "conv3x3_dgrad": 0}
+    calls = {"rc_conv": 0, "conv3x3_dgrad": 0, "conv3x3_wgrad": 0}
     for name in calls:
         kernel = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _k=kernel, _n=name, **kw: calls.__setitem__(_n, calls[_n] + 1)
@@ -204,9 +256,9 @@ def test_recurrent_block_on_the_kernel_matches_the_reference(backend, tied, monk
     ref, fast = pair(RRCUBlock(8, 16, 2, tied=tied), backend, torch.float32)
     x = randn_input(2, 8, 9, 11, device=backend.device, dtype=torch.float32, channels_last=True)
     assert_all_close(train_steps(fast, x, steps=2), train_steps(ref, x, steps=2), 1e-4)
-    # per training step and unit: conv_f and conv_r twice forward; conv_r's two input gradients and
-    # conv_f's (the block's input needs one)
-    assert calls == {"rc_conv": 2 * 2 * 3, "conv3x3_dgrad": 2 * 2 * 3}
+    # per training step and unit: conv_f and conv_r twice forward; conv_r's two input and weight
+    # gradients and conv_f's (the block's input needs one)
+    assert calls == {"rc_conv": 2 * 2 * 3, "conv3x3_dgrad": 2 * 2 * 3, "conv3x3_wgrad": 2 * 2 * 3}
     with torch.no_grad():
         assert_all_close([fast.eval()(x)], [ref.eval()(x)], 1e-4)
     assert calls["rc_conv"] == 2 * 2 * 3 + 2 * 3

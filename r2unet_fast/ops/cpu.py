@@ -235,7 +235,7 @@ def conv3x3_wgrad_applies(grad: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 def conv3x3_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None,
-                  shift: torch.Tensor | None, *, direct: bool = True) -> torch.Tensor:
+                  shift: torch.Tensor | None, *, direct: bool = True, winograd: bool = True) -> torch.Tensor:
     """The weight gradient of a 3x3, stride-1, padding-1 convolution whose input is
     ``relu(x * scale + shift)`` (or ``x`` when scale and shift are None), the activation computed
     as it is loaded, never stored.
@@ -246,11 +246,13 @@ def conv3x3_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | Non
         scale, shift: (C_in,) in that dtype, or both None.
         direct: float32 takes the direct kernel where the CPU has it; False forces the im2col GEMM
             (both give the same values up to rounding order).
+        winograd: float32 with both channel counts multiples of 8 takes Winograd F(2x2, 3x3) where
+            the CPU has AVX2 + FMA (before ``direct`` is considered); False skips it.
     Returns:
         dw (C_out, C_in, 3, 3), channels_last, in that dtype.
     """
     dw = torch.empty((grad.shape[1], x.shape[1], 3, 3), dtype=grad.dtype, memory_format=torch.channels_last)
-    _C.rc_conv3x3_wgrad(grad, x, scale, shift, dw, direct)
+    _C.rc_conv3x3_wgrad(grad, x, scale, shift, dw, direct, winograd)
     return dw
 
 
