@@ -262,3 +262,23 @@ def test_recurrent_block_on_the_kernel_matches_the_reference(backend, tied, monk
     with torch.no_grad():
         assert_all_close([fast.eval()(x)], [ref.eval()(x)], 1e-4)
     assert calls["rc_conv"] == 2 * 2 * 3 + 2 * 3
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("batch", [3, 5], ids=["3_images", "5_images"])
+def test_input_gradient_by_image_groups_matches_the_reference(backend, batch, monkeypatch):
+    # large activations take conv_r's input gradient a group of images at a time, written over ds_k
+    # group by group, so no second activation-sized buffer lives beside it
+    from r2unet_fast.ops.library import recurrent_conv_steps as steps
+
+    monkeypatch.setattr(steps, "RECOMPUTE_BYTES", 1)
+    cpu = _cpu()
+    batches, kernel = [], cpu.conv3x3_dgrad
+    monkeypatch.setattr(cpu, "conv3x3_dgrad", lambda g, w: batches.append(g.shape[0]) or kernel(g, w))
+    ref, fast = pair(RRCUBlock(8, 8, 2), backend, torch.float32)
+    x = randn_input(batch, 8, 6, 7, device=backend.device, dtype=torch.float32, channels_last=True)
+    assert_all_close(train_steps(fast, x, steps=1), train_steps(ref, x, steps=1), 1e-4)
+    groups = min(batch, steps.RECOMPUTE_GROUPS)
+    # per unit: conv_r's step-2 gradient whole (ds_2 is also dF, kept), step 1's by groups, conv_f's whole
+    assert sorted(batches) == sorted(2 * ([batch, batch] + [len(range(batch * i // groups, batch * (i + 1) // groups))
+                                                           for i in range(groups)]))

@@ -76,12 +76,16 @@ def _recurrent_conv_bwd(passes, ds: torch.Tensor, s_prev: torch.Tensor, scale: t
             part = _conv_bwd(ds[lo:hi], h, w_r, weight=True)
             del h  # before the next group's h exists
             dw = part if dw is None else dw + part
-    if _hook(passes, "conv3x3_dgrad", ds, w_r):
-        return passes.conv3x3_dgrad(ds, w_r), dw
+    fused = _hook(passes, "conv3x3_dgrad", ds, w_r)
+
+    def dgrad(lo: int, hi: int) -> torch.Tensor:  # images lo .. hi - 1; s_prev gives the input's shape only
+        return passes.conv3x3_dgrad(ds[lo:hi], w_r) if fused else _conv_bwd(ds[lo:hi], s_prev[lo:hi], w_r,
+                                                                              weight=False)
+
     if len(groups) == 1 or not overwrite:
-        return _conv_bwd(ds, s_prev, w_r, weight=False), dw  # s_prev gives the input's shape only
+        return dgrad(0, ds.shape[0]), dw
     for lo, hi in groups:
-        ds[lo:hi].copy_(_conv_bwd(ds[lo:hi], s_prev[lo:hi], w_r, weight=False))
+        ds[lo:hi].copy_(dgrad(lo, hi))
     return ds, dw
 
 
