@@ -43,7 +43,6 @@ bool supported() { return rc_detail::use_avx2_kernels(); }
 
 namespace {
 
-
 // y's pixels of the tile at ``pos`` from M[p][b][.] (m points at tile b's row of position 0;
 // positions ms floats apart), plus bias and feed (kFeed).
 template <bool kFeed>
