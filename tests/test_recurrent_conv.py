@@ -100,7 +100,7 @@ def test_rrcu_block_matches_the_reference_in_training_and_eval(backend, t, tied,
 def test_backward_by_image_groups_matches_the_reference(backend, channels_last, batch, monkeypatch):
     # large activations take the recurrent convolution's backward a group of images at a time
     # (uneven groups for 3 and 5 images; dh_{k-1} overwrites ds_k group by group)
-    # (the Triton backend's own convolution needs no groups: there, cuDNN's path has them)
+    # (through ATen's convolutions here; tests/test_conv3x3_winograd.py takes the C++ kernel's path)
     monkeypatch.setattr(steps, "RECOMPUTE_BYTES", 1)
     assert len(steps._image_groups(torch.empty(batch, 1, 1, 1))) == min(batch, steps.RECOMPUTE_GROUPS)
     with _conv_impl(backend, "aten"):
